@@ -1,0 +1,55 @@
+"""Backends: what runs the optimized canonical graph (installed as ``graphopt.backends``).
+
+A backend is ``fn(gm, example_inputs, example_kwargs) -> callable`` taking and returning what
+``gm`` does. Built in:
+
+* ``eager``: the rewritten ``GraphModule`` itself, op by op (every device, no compile time);
+* ``inductor``: the rewritten graph handed to ``torch.compile(backend="inductor")`` (CPU and GPU).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+__all__ = ["available_backends", "get_backend", "register_backend"]
+
+_BACKENDS: dict[str, Callable[..., Callable]] = {}
+
+
+class UnknownBackendError(KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def register_backend(name: str) -> Callable:
+    """Decorator registering ``fn(gm, example_inputs, example_kwargs, **options)`` under ``name``."""
+
+    def wrap(fn):
+        _BACKENDS[name] = fn
+        return fn
+
+    return wrap
+
+
+def available_backends() -> list[str]:
+    return sorted(_BACKENDS)
+
+
+def get_backend(name: str) -> Callable[..., Callable]:
+    if name not in _BACKENDS:
+        raise UnknownBackendError(f"unknown backend {name!r}; available: {', '.join(available_backends())}")
+    return _BACKENDS[name]
+
+
+@register_backend("eager")
+def eager(gm, example_inputs: Any = (), example_kwargs: Any = None, **options) -> Callable:
+    """Run the graph as is."""
+    return gm
+
+
+@register_backend("inductor")
+def inductor(gm, example_inputs: Any = (), example_kwargs: Any = None, **options) -> Callable:
+    """Compile the rewritten graph with torch's inductor (lazily, on the first call)."""
+    import torch
+
+    return torch.compile(gm, backend="inductor", **options)

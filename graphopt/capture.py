@@ -1,0 +1,179 @@
+"""Capture a model into graphopt's one canonical IR.
+
+The canonical IR is the ATen-level graph that ``torch.export.export(..., strict=False)`` produces
+(the training IR: ``aten.linear``, ``aten.layer_norm``, ``aten.scaled_dot_product_attention`` are
+kept whole, not decomposed), un-lifted so that parameters and buffers are ``get_attr`` constants of
+the returned ``torch.fx.GraphModule``. Every node carries ``meta["val"]`` (a fake tensor with the
+node's shape and dtype); :func:`graphopt.ir.propagate_shapes` keeps it valid after rewrites.
+
+Three things differ from a plain ``ep.module()``:
+
+* the model is exported in eval mode with its KV cache switched off (transformers decoders return a
+  ``DynamicCache`` when ``use_cache=True``, which ``torch.export`` cannot output), and both are
+  restored afterwards: the caller's model is never changed;
+* parameters and buffers are *copies*, so a pass that edits weights cannot reach the user's model;
+* export's runtime guard call and tensor-metadata asserts are dropped: they pin the input layout the
+  example had and would only get in the way of passes that change shapes.
+
+Dynamic shapes: pass ``dynamic_shapes`` exactly as ``torch.export`` takes it (e.g.
+``({0: Dim.AUTO, 1: Dim.AUTO},)`` for batch and sequence). The graph then holds symbolic sizes and
+keeps working when a pass shortens the sequence. A model that writes a size into a view as a Python
+constant (``x.view(2, 16, 4, 32)`` rather than ``x.view(b, t, h, d)``) specializes that dimension:
+export reports it, and the captured graph only runs at that size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+
+import torch
+import torch.fx
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CaptureError", "capture", "one_line"]
+
+
+class CaptureError(RuntimeError):
+    """Neither ``torch.export`` nor ``torch.fx.symbolic_trace`` could capture the model."""
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message, prefixed by its type and clipped to ``limit``."""
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else ""
+    msg = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return msg if len(msg) <= limit else msg[: limit - 3] + "..."
+
+
+@contextlib.contextmanager
+def _inference_view(model: torch.nn.Module):
+    """Eval mode and no KV cache for the duration, restoring the caller's settings afterwards."""
+    was_training = model.training
+    configs = [m.config for m in model.modules() if hasattr(getattr(m, "config", None), "use_cache")]
+    saved = [(c, c.use_cache) for c in {id(c): c for c in configs}.values()]
+    try:
+        model.eval()
+        for config, _ in saved:
+            config.use_cache = False
+        yield
+    finally:
+        for config, value in saved:
+            config.use_cache = value
+        model.train(was_training)
+
+
+def _normalize_args(example_inputs) -> tuple:
+    if example_inputs is None:
+        return ()
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    return (example_inputs,)
+
+
+def capture(
+    model: torch.nn.Module,
+    example_inputs=(),
+    example_kwargs: dict | None = None,
+    dynamic_shapes=None,
+    *,
+    fallback: bool = True,
+) -> torch.fx.GraphModule:
+    """Capture ``model`` on ``example_inputs`` into the canonical ATen IR.
+
+    Args:
+        model: any ``nn.Module``; it is neither mutated nor left in another mode.
+        example_inputs: positional arguments (a tuple, or a single tensor).
+        example_kwargs: keyword arguments, if the model takes any.
+        dynamic_shapes: a ``torch.export`` dynamic-shapes spec for the inputs, or None (static).
+        fallback: when export fails, try ``torch.fx.symbolic_trace`` and lower that graph to ATen.
+
+    Returns:
+        A ``GraphModule`` that takes and returns what ``model`` does (pytree in, pytree out), whose
+        parameters are private copies. ``gm.meta["graphopt_capture"]`` says which road was taken.
+
+    Raises:
+        CaptureError: both roads failed; the message gives both reasons in one line each.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise CaptureError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    args = _normalize_args(example_inputs)
+    kwargs = dict(example_kwargs or {})
+    with _inference_view(model):
+        try:
+            ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+            gm = ep.module()
+            road = "torch.export"
+        except Exception as export_error:  # noqa: BLE001 - any failure means: try the other road
+            reason = one_line(export_error)
+            if not fallback:
+                raise CaptureError(f"torch.export failed: {reason}") from export_error
+            warnings.warn(f"graphopt: torch.export failed ({reason}); trying torch.fx.symbolic_trace", stacklevel=2)
+            try:
+                gm = _symbolic_trace_to_aten(model, args, kwargs)
+                road = "torch.fx.symbolic_trace"
+            except Exception as trace_error:  # noqa: BLE001
+                raise CaptureError(
+                    f"cannot capture {type(model).__name__}: torch.export failed ({reason}); "
+                    f"torch.fx.symbolic_trace failed ({one_line(trace_error)})"
+                ) from trace_error
+    _strip_runtime_checks(gm)
+    from graphopt.ir import clone_graph_module
+
+    gm = clone_graph_module(gm)  # a plain GraphModule, without export's input-checking hooks
+    _privatize_constants(gm)
+    gm.eval()
+    gm.meta["graphopt_capture"] = road
+    if road != "torch.export":
+        from graphopt.ir import propagate_shapes
+
+        propagate_shapes(gm, args)
+    return gm
+
+
+def _symbolic_trace_to_aten(model, args, kwargs) -> torch.fx.GraphModule:
+    """The fallback road: a torch-level trace, lowered to ATen by re-tracing it with make_fx."""
+    if kwargs:
+        raise CaptureError("the symbolic_trace fallback takes positional inputs only")
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    traced = torch.fx.symbolic_trace(model)
+    with torch.no_grad():
+        return make_fx(traced, pre_dispatch=True)(*args)
+
+
+def _strip_runtime_checks(gm: torch.fx.GraphModule) -> None:
+    graph = gm.graph
+    for node in list(graph.nodes):
+        is_guard_call = node.op == "call_module" and node.target == "_guards_fn"
+        is_meta_assert = node.op == "call_function" and node.target is torch.ops.aten._assert_tensor_metadata.default
+        if (is_guard_call or is_meta_assert) and not node.users:
+            graph.erase_node(node)
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+
+
+def _privatize_constants(gm: torch.fx.GraphModule) -> None:
+    """Replace every parameter and buffer by a detached copy (tied tensors stay tied)."""
+    copies: dict[int, torch.Tensor] = {}
+
+    def private(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in copies:
+            copies[id(t)] = t.detach().clone()
+        return copies[id(t)]
+
+    params: dict[int, torch.nn.Parameter] = {}
+    for module in gm.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None:
+                if id(p) not in params:
+                    params[id(p)] = torch.nn.Parameter(private(p), requires_grad=False)
+                module._parameters[name] = params[id(p)]
+        for name, b in list(module._buffers.items()):
+            if b is not None:
+                module._buffers[name] = private(b)
+        for name, value in list(vars(module).items()):
+            if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
+                setattr(module, name, private(value))

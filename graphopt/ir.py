@@ -1,0 +1,319 @@
+"""Small, composable helpers over the canonical IR (an ATen-level ``torch.fx.GraphModule``).
+
+Passes are written against these helpers rather than against raw ``torch.fx`` so that matching,
+weight editing and clean-up behave the same everywhere. Two rules the helpers keep:
+
+* Tensors held by a graph are never modified in place. :func:`set_tensor` and :func:`add_constant`
+  attach *new* tensors; the pass manager's rollback and the user's original model both depend on
+  the old tensors staying as they were.
+* ``node.meta["val"]`` (a fake tensor) describes every node. Nodes a pass creates get theirs when
+  the pass manager calls :func:`propagate_shapes` after the pass; a pass that needs shapes of its
+  own new nodes mid-rewrite may call it itself.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import warnings
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.fx
+from torch.fx import GraphModule, Node
+
+aten = torch.ops.aten
+
+__all__ = [
+    "aten",
+    "add_constant",
+    "clone_graph_module",
+    "cleanup",
+    "count_ops",
+    "external_user",
+    "follow_chain",
+    "get_tensor",
+    "is_op",
+    "normalized_args",
+    "op_name",
+    "op_nodes",
+    "only_user",
+    "propagate_shapes",
+    "replace_node",
+    "set_tensor",
+    "shape_of",
+    "val_of",
+]
+
+Target = Any  # an OpOverload, an OpOverloadPacket, or any other call_function target
+
+
+# ----------------------------------------------------------------------------- identifying ops
+
+
+def op_name(target: Target) -> str:
+    """A readable name for a call target: ``aten.linear.default``, ``graphopt.rms_norm.default``."""
+    if isinstance(target, torch._ops.OpOverload):
+        return f"{target.namespace}.{target._schema.name.split('::')[-1]}.{target._overloadname}"
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        return f"{target._qualified_op_name.replace('::', '.')}"
+    return getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or str(target)
+
+
+def is_op(node: Node, *targets: Target) -> bool:
+    """Whether ``node`` calls one of ``targets``.
+
+    A target may be an overload (``aten.add.Tensor``) or a packet (``aten.add``, matching every
+    overload of it).
+    """
+    if node.op != "call_function":
+        return False
+    packet = getattr(node.target, "overloadpacket", None)
+    return any(node.target is t or (packet is not None and packet is t) for t in targets)
+
+
+def op_nodes(gm: GraphModule, *targets: Target) -> list[Node]:
+    """All nodes of ``gm`` calling one of ``targets`` (see :func:`is_op`), in graph order."""
+    return [n for n in gm.graph.nodes if is_op(n, *targets)]
+
+
+def count_ops(gm: GraphModule) -> collections.Counter:
+    """How often each call target occurs, keyed by :func:`op_name` (``call_function`` nodes only)."""
+    return collections.Counter(op_name(n.target) for n in gm.graph.nodes if n.op == "call_function")
+
+
+def normalized_args(node: Node) -> dict[str, Any]:
+    """The call's arguments by schema name, defaults filled in: ``{"input": x, "dim": -1, ...}``.
+
+    Works for ATen and ``torch.library`` ops, whatever mix of positional and keyword arguments the
+    graph used.
+    """
+    schema = node.target._schema
+    out: dict[str, Any] = {}
+    for i, arg in enumerate(schema.arguments):
+        if i < len(node.args) and not arg.kwarg_only:
+            out[arg.name] = node.args[i]
+        elif arg.name in node.kwargs:
+            out[arg.name] = node.kwargs[arg.name]
+        elif arg.has_default_value():
+            out[arg.name] = arg.default_value
+        else:
+            out[arg.name] = None
+    return out
+
+
+# ----------------------------------------------------------------------------- walking the graph
+
+
+def only_user(node: Node) -> Node | None:
+    """The single user of ``node``, or None when it has none or several."""
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def follow_chain(start: Node, *steps: Target | Sequence[Target]) -> list[Node] | None:
+    """Follow single-user edges from ``start`` through ops matching ``steps`` in order.
+
+    Each step is a target or a sequence of alternative targets. Returns ``[start, n1, n2, ...]``
+    when every intermediate node has exactly one user and each next node matches its step, else
+    None. Only the last node of the chain may have several users.
+    """
+    chain = [start]
+    for step in steps:
+        alternatives = tuple(step) if isinstance(step, (list, tuple)) else (step,)
+        nxt = only_user(chain[-1])
+        if nxt is None or not is_op(nxt, *alternatives):
+            return None
+        chain.append(nxt)
+    return chain
+
+
+def external_user(nodes: Iterable[Node], keep: Iterable[Node] = ()) -> Node | None:
+    """A node of ``nodes`` (other than those in ``keep``) used outside ``nodes``, or None.
+
+    A matcher that wants to replace a subgraph by one new node must check this: replacing a
+    subgraph whose intermediate value is also read elsewhere silently changes that reader.
+    """
+    inside = set(nodes)
+    allowed = set(keep)
+    for n in inside - allowed:
+        if any(u not in inside for u in n.users):
+            return n
+    return None
+
+
+def val_of(node: Any):
+    """``node.meta["val"]`` (a fake tensor, SymInt, or tuple of them), or None."""
+    return node.meta.get("val") if isinstance(node, Node) else None
+
+
+def shape_of(node: Node) -> tuple | None:
+    """The shape of a tensor-valued node from its ``meta["val"]``, or None when unknown."""
+    val = val_of(node)
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+# ----------------------------------------------------------------------------- constants
+
+
+def get_tensor(gm: GraphModule, node_or_target: Node | str) -> torch.Tensor:
+    """The tensor behind a ``get_attr`` node (or attribute path) of ``gm``."""
+    target = node_or_target.target if isinstance(node_or_target, Node) else node_or_target
+    if isinstance(node_or_target, Node) and node_or_target.op != "get_attr":
+        raise ValueError(f"{node_or_target.name} is a {node_or_target.op} node, not a get_attr constant")
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _set_attr(gm: GraphModule, target: str, value: torch.Tensor) -> None:
+    *path, leaf = target.split(".")
+    owner: torch.nn.Module = gm
+    for part in path:
+        if not hasattr(owner, part):
+            owner.add_module(part, torch.nn.Module())
+        owner = getattr(owner, part)
+    if leaf in owner._parameters:
+        del owner._parameters[leaf]
+    if leaf in owner._buffers:
+        del owner._buffers[leaf]
+    owner.register_buffer(leaf, value.detach(), persistent=True)
+
+
+def set_tensor(gm: GraphModule, node: Node, value: torch.Tensor) -> Node:
+    """Make the ``get_attr`` ``node`` hold ``value``, without touching the tensor it held.
+
+    If other ``get_attr`` nodes read the same attribute (tied weights), ``node`` is re-pointed to a
+    new attribute so that only its readers see the new value. Returns ``node``.
+    """
+    if node.op != "get_attr":
+        raise ValueError(f"{node.name} is not a get_attr node")
+    shared = [n for n in node.graph.nodes if n.op == "get_attr" and n.target == node.target and n is not node]
+    if shared:
+        node.target = _unique_attr_name(gm, node.target.replace(".", "_"))
+    _set_attr(gm, node.target, value)
+    val = val_of(node)
+    if isinstance(val, torch.Tensor) and hasattr(val, "fake_mode"):
+        node.meta["val"] = val.fake_mode.from_tensor(value, static_shapes=True)
+    return node
+
+
+def _unique_attr_name(gm: GraphModule, hint: str) -> str:
+    base = "".join(c if c.isalnum() or c == "_" else "_" for c in hint) or "const"
+    name, i = base, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    return name
+
+
+def add_constant(gm: GraphModule, value: torch.Tensor, name_hint: str, *, before: Node | None = None) -> Node:
+    """Register ``value`` as a new buffer of ``gm`` and return a ``get_attr`` node reading it.
+
+    The node is inserted before ``before`` (default: before the first node of the graph).
+    """
+    name = _unique_attr_name(gm, name_hint)
+    _set_attr(gm, name, value)
+    anchor = before if before is not None else next(iter(gm.graph.nodes))
+    with gm.graph.inserting_before(anchor):
+        node = gm.graph.get_attr(name)
+    for n in gm.graph.nodes:  # reuse the graph's fake mode so symbolic sizes stay consistent
+        val = val_of(n)
+        if isinstance(val, torch.Tensor) and hasattr(val, "fake_mode"):
+            node.meta["val"] = val.fake_mode.from_tensor(value, static_shapes=True)
+            break
+    return node
+
+
+# ----------------------------------------------------------------------------- rewriting
+
+
+def replace_node(old: Node, new: Node, *, erase: bool = True) -> None:
+    """Send every use of ``old`` to ``new``; erase ``old`` (and nothing else) if asked.
+
+    ``new`` inherits ``old``'s ``stack_trace`` so that generated code and dumps still point at the
+    user's source line.
+    """
+    if "stack_trace" in old.meta and "stack_trace" not in new.meta:
+        new.meta["stack_trace"] = old.meta["stack_trace"]
+    old.replace_all_uses_with(new)
+    if erase:
+        old.graph.erase_node(old)
+
+
+def delete_unused_attributes(gm: GraphModule) -> int:
+    """Drop parameters and buffers that no ``get_attr`` node reads; returns how many."""
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    dropped = 0
+    for name, _ in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
+        if name not in used:
+            *path, leaf = name.split(".")
+            owner = gm.get_submodule(".".join(path)) if path else gm
+            owner._parameters.pop(leaf, None)
+            owner._buffers.pop(leaf, None)
+            dropped += 1
+    return dropped
+
+
+def cleanup(gm: GraphModule) -> None:
+    """Dead-code elimination, unused-constant removal, lint and recompile, in that order."""
+    gm.graph.eliminate_dead_code()
+    delete_unused_attributes(gm)
+    gm.graph.lint()
+    gm.recompile()
+
+
+def clone_graph_module(gm: GraphModule) -> GraphModule:
+    """A new ``GraphModule`` with a copy of ``gm``'s graph that *shares* its tensors.
+
+    Cheap (no weight is copied) and safe because graph tensors are never modified in place: a
+    rewrite on the clone leaves ``gm`` exactly as it was, which is how rollback works.
+    """
+    with warnings.catch_warnings():  # deep-copying export's pytree specs warns about a deprecated check
+        warnings.simplefilter("ignore", FutureWarning)
+        graph = copy.deepcopy(gm.graph)
+    clone = GraphModule(gm, graph, class_name=type(gm).__name__.replace("GraphModuleImpl", "GraphModule"))
+    clone.meta = dict(getattr(gm, "meta", {}))
+    return clone
+
+
+def propagate_shapes(gm: GraphModule, example_inputs: Sequence[Any] | None = None) -> None:
+    """Recompute ``meta["val"]`` for every node by running ``gm`` on fake tensors.
+
+    Placeholders keep their existing fake values (and so their symbolic sizes) when they have them;
+    otherwise ``example_inputs`` (the flat list of the graph's inputs, or the model's positional
+    inputs) are converted to fakes with static shapes.
+    """
+    from torch._guards import detect_fake_mode
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    vals = [val_of(n) for n in placeholders]
+    fake_mode = detect_fake_mode([v for v in vals if v is not None])
+    if fake_mode is None or any(v is None for v in vals):
+        if example_inputs is None:
+            raise ValueError("propagate_shapes needs example inputs for a graph whose placeholders have no meta['val']")
+        flat, _ = torch.utils._pytree.tree_flatten(list(example_inputs))
+        if len(flat) != len(placeholders):
+            raise ValueError(f"graph has {len(placeholders)} inputs, got {len(flat)} example values")
+        fake_mode = FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv())
+        vals = [fake_mode.from_tensor(x, static_shapes=True) if isinstance(x, torch.Tensor) else x for x in flat]
+    saved = fake_mode.allow_non_fake_inputs
+    fake_mode.allow_non_fake_inputs = True  # get_attr constants are real tensors
+    try:
+        FakeTensorProp(gm, mode=fake_mode).propagate_dont_convert_inputs(*vals)
+    finally:
+        fake_mode.allow_non_fake_inputs = saved
+
+
+def fresh_nodes(before: Iterable[str], gm: GraphModule) -> list[Node]:
+    """Nodes of ``gm`` whose names are not in ``before`` (a pass's created nodes, by name)."""
+    seen = set(before)
+    return [n for n in gm.graph.nodes if n.name not in seen]
+
+
+def map_outputs(fn: Callable[[torch.Tensor], Any], outputs: Any) -> Any:
+    """Apply ``fn`` to every tensor leaf of a pytree of outputs."""
+    return torch.utils._pytree.tree_map(lambda x: fn(x) if isinstance(x, torch.Tensor) else x, outputs)

@@ -1,0 +1,156 @@
+"""Numerical checks of a rewritten graph against reference outputs.
+
+A pass is judged by a *budget*: :class:`Exact` for passes that compute the same function up to
+rounding, or a fidelity budget such as :class:`MinCosine` for approximate ones. A budget turns a
+pair of output pytrees into a :class:`Check`: the measured number, whether it is within budget and,
+when not, which output leaf broke it.
+
+Outputs are compared leaf by leaf after ``torch.utils._pytree`` flattening, so ``ModelOutput``
+objects, tuples and dicts all work; structures must match. Integer and boolean leaves must be
+equal. A budget may compare only some positions (a ``mask`` per leaf), for passes whose outputs
+differ by design where the original values are meaningless (pad tokens, for instance).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from torch.utils import _pytree as pytree
+
+__all__ = ["Budget", "Check", "Exact", "MinCosine", "compare", "flat_outputs", "relative_error"]
+
+
+@dataclass(frozen=True)
+class Check:
+    """The outcome of comparing outputs under a budget."""
+
+    ok: bool
+    metric: str
+    value: float
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.metric}={self.value:.3g}" + (f" ({self.detail})" if self.detail else "")
+
+
+def flat_outputs(outputs: Any) -> list[Any]:
+    """The leaves of an output pytree, in a stable order."""
+    return pytree.tree_leaves(outputs)
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``max |out - ref| / max |ref|``: the largest error relative to the output's scale."""
+    out, ref = out.detach().double(), ref.detach().double()
+    scale = ref.abs().max().item() if ref.numel() else 0.0
+    err = (out - ref).abs().max().item() if ref.numel() else 0.0
+    if err != err:  # NaN
+        return float("inf")
+    return err / scale if scale > 0 else err
+
+
+def _row_cosines(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    a = out.detach().double().reshape(-1, out.shape[-1]) if out.dim() else out.detach().double().reshape(1, 1)
+    b = ref.detach().double().reshape(-1, ref.shape[-1]) if ref.dim() else ref.detach().double().reshape(1, 1)
+    both_zero = (a.norm(dim=-1) == 0) & (b.norm(dim=-1) == 0)
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-30)
+    return torch.where(both_zero, torch.ones_like(cos), cos)
+
+
+class Budget:
+    """How close a rewritten graph's outputs must be to the reference."""
+
+    metric = "error"
+
+    def measure(self, out: torch.Tensor, ref: torch.Tensor) -> float:
+        raise NotImplementedError
+
+    def within(self, value: float) -> bool:
+        raise NotImplementedError
+
+    def worst(self, values: Sequence[float]) -> float:
+        return max(values)
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Exact(Budget):
+    """Same function up to rounding: relative error (see :func:`relative_error`) at most ``tol``."""
+
+    tol: float = 1e-5
+    metric = "rel_err"
+
+    def measure(self, out, ref):
+        return relative_error(out, ref)
+
+    def within(self, value):
+        return value <= self.tol
+
+    def describe(self):
+        return f"exact (rel. error <= {self.tol:g})"
+
+
+@dataclass(frozen=True)
+class MinCosine(Budget):
+    """Approximate: the mean cosine similarity over the last dimension's rows at least ``threshold``."""
+
+    threshold: float = 0.99
+    metric = "cosine"
+
+    def measure(self, out, ref):
+        return _row_cosines(out, ref).mean().item()
+
+    def within(self, value):
+        return value >= self.threshold
+
+    def worst(self, values):
+        return min(values)
+
+    def describe(self):
+        return f"approximate (cosine >= {self.threshold:g})"
+
+
+def compare(
+    outputs: Any,
+    reference: Any,
+    budget: Budget,
+    masks: Sequence[torch.Tensor | None] | Callable[[int, torch.Tensor], torch.Tensor | None] | None = None,
+) -> Check:
+    """Compare two output pytrees under ``budget``.
+
+    ``masks`` optionally selects, per flat output leaf, the positions that count (a boolean tensor
+    broadcastable to the leaf, or None for all of it); it may also be a function of
+    ``(leaf_index, reference_leaf)``.
+    """
+    outs, refs = flat_outputs(outputs), flat_outputs(reference)
+    if len(outs) != len(refs):
+        return Check(False, budget.metric, float("nan"), f"{len(outs)} outputs, expected {len(refs)}")
+    values: list[float] = []
+    worst_leaf = 0
+    for i, (o, r) in enumerate(zip(outs, refs)):
+        if not isinstance(r, torch.Tensor):
+            if o != r:
+                return Check(False, budget.metric, float("nan"), f"output {i}: {o!r} != {r!r}")
+            continue
+        if not isinstance(o, torch.Tensor) or tuple(o.shape) != tuple(r.shape):
+            got = tuple(o.shape) if isinstance(o, torch.Tensor) else type(o).__name__
+            return Check(False, budget.metric, float("nan"), f"output {i}: shape {got}, expected {tuple(r.shape)}")
+        mask = masks(i, r) if callable(masks) else (masks[i] if masks is not None else None)
+        if mask is not None:
+            mask = mask.expand_as(r) if mask.shape != r.shape else mask
+            o, r = o[mask], r[mask]
+        if not (r.is_floating_point() or r.is_complex()):
+            if not torch.equal(o, r):
+                return Check(False, budget.metric, float("nan"), f"output {i}: integer values differ")
+            continue
+        values.append(budget.measure(o, r))
+        if budget.worst(values) == values[-1]:
+            worst_leaf = i
+    if not values:
+        return Check(True, budget.metric, 0.0 if isinstance(budget, Exact) else 1.0, "no floating-point outputs")
+    value = budget.worst(values)
+    ok = budget.within(value)
+    return Check(ok, budget.metric, value, "" if ok else f"worst at output {worst_leaf}; needs {budget.describe()}")

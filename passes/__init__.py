@@ -1,0 +1,1 @@
+"""Rewrite passes (installed as graphopt.passes)."""
