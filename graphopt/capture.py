@@ -13,7 +13,9 @@ Three things differ from a plain ``ep.module()``:
   restored afterwards: the caller's model is never changed;
 * parameters and buffers are *copies*, so a pass that edits weights cannot reach the user's model;
 * export's runtime guard call and tensor-metadata asserts are dropped: they pin the input layout the
-  example had and would only get in the way of passes that change shapes.
+  example had and would only get in the way of passes that change shapes;
+* regions that only switch grad mode (``torch.no_grad()`` blocks, e.g. Llama's rotary embedding) or
+  disabled autocast are inlined: for inference they are plain ops, and passes should see them.
 
 Dynamic shapes: pass ``dynamic_shapes`` exactly as ``torch.export`` takes it (e.g.
 ``({0: Dim.AUTO, 1: Dim.AUTO},)`` for batch and sequence). The graph then holds symbolic sizes and
@@ -119,6 +121,7 @@ def capture(
                     f"cannot capture {type(model).__name__}: torch.export failed ({reason}); "
                     f"torch.fx.symbolic_trace failed ({one_line(trace_error)})"
                 ) from trace_error
+    _inline_mode_regions(gm)
     _strip_runtime_checks(gm)
     from graphopt.ir import clone_graph_module
 
@@ -153,6 +156,60 @@ def _strip_runtime_checks(gm: torch.fx.GraphModule) -> None:
             graph.erase_node(node)
     gm.delete_all_unused_submodules()
     gm.recompile()
+
+
+def _inline_mode_regions(gm: torch.fx.GraphModule) -> None:
+    """Inline ``wrap_with_set_grad_enabled`` and disabled ``wrap_with_autocast`` sub-graphs."""
+    hop = torch.ops.higher_order
+    changed = True
+    while changed:
+        changed = False
+        for node in list(gm.graph.nodes):
+            if node.op != "call_function":
+                continue
+            if node.target is hop.wrap_with_set_grad_enabled:
+                submod_node, operands = node.args[1], node.args[2:]
+            elif node.target is getattr(hop, "wrap_with_autocast", None) and node.args[2] is False:
+                submod_node, operands = node.args[4], node.args[5:]
+            else:
+                continue
+            _inline_call(gm, node, getattr(gm, submod_node.target), operands)
+            if not submod_node.users:
+                gm.graph.erase_node(submod_node)
+            changed = True
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+
+
+def _inline_call(gm: torch.fx.GraphModule, call: torch.fx.Node, sub: torch.fx.GraphModule, operands) -> None:
+    """Replace ``call`` (whose result is a tuple read through getitem) by a copy of ``sub``'s graph."""
+    import operator
+
+    env: dict[torch.fx.Node, object] = {}
+    placeholders = iter(operands)
+    outputs = None
+    with gm.graph.inserting_before(call):
+        for sn in sub.graph.nodes:
+            if sn.op == "placeholder":
+                env[sn] = next(placeholders)
+            elif sn.op == "output":
+                outputs = torch.fx.map_arg(sn.args[0], lambda n: env[n])
+            elif sn.op == "get_attr":
+                from graphopt.ir import _unique_attr_name
+
+                name = _unique_attr_name(gm, sn.target.replace(".", "_"))
+                setattr(gm, name, getattr(sub, sn.target))
+                env[sn] = gm.graph.get_attr(name)
+                env[sn].meta = dict(sn.meta)
+            else:
+                env[sn] = gm.graph.node_copy(sn, lambda n: env[n])
+    for user in list(call.users):
+        if user.op == "call_function" and user.target is operator.getitem:
+            user.replace_all_uses_with(outputs[user.args[1]])
+            gm.graph.erase_node(user)
+    if call.users:
+        raise CaptureError(f"cannot inline {call.name}: its result is used other than through getitem")
+    gm.graph.erase_node(call)
 
 
 def _privatize_constants(gm: torch.fx.GraphModule) -> None:

@@ -33,7 +33,10 @@ on identical inputs.
 
 Hugging Face models accept an ``attn_implementation`` override (default:
 transformers' own default, ``"sdpa"``); ``"eager"`` gives the explicit
-matmul/softmax attention form.  Everything is loaded from local files only;
+matmul/softmax attention form. ``minilm`` defaults to ``"eager"``: the real
+checkpoint as BERT's modeling code writes attention out, which is what the
+``canonicalize`` pass exists for (``attn_implementation="sdpa"`` gives the
+already-fused form).  Everything is loaded from local files only;
 nothing is ever downloaded.
 
 The module also provides a small real-text workload for the MiniLM model
@@ -122,11 +125,6 @@ class SentenceEmbedder(nn.Module):
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
         return F.normalize(pooled, p=2, dim=1)
-
-
-class _ConvBN2d(nn.Sequential):
-    def __init__(self, cin: int, cout: int, *, bias: bool):
-        super().__init__(nn.Conv2d(cin, cout, 3, padding=1, bias=bias), nn.BatchNorm2d(cout))
 
 
 class _ResidualBlock(nn.Module):
@@ -305,7 +303,7 @@ def _seq_dims(n_args: int) -> tuple:
     return tuple({0: Dim.AUTO, 1: Dim.AUTO} for _ in range(n_args))
 
 
-def _build_minilm(*, attn_implementation: str | None = None) -> ZooEntry:
+def _build_minilm(*, attn_implementation: str | None = "eager") -> ZooEntry:
     from transformers import AutoTokenizer, BertModel
 
     path = minilm_dir()
@@ -435,6 +433,9 @@ def _build_preln_tiny() -> ZooEntry:
         name="preln-tiny",
         model=model,
         example_inputs=_token_inputs(2, 16, 1000, pad_last_row=4),
+        # Export infers no upper bound for the sequence dim here (the HF models
+        # get one from their position-id buffers); inputs longer than the 128
+        # position embeddings are invalid all the same.
         dynamic_shapes=_seq_dims(2),
         description=MODELS["preln-tiny"],
         kind="encoder",

@@ -123,8 +123,8 @@ def test_vit_s_full_size_forward():
 
 
 def test_minilm_attn_implementation_switches_graph():
-    default = _load("minilm")
-    eager = _load("minilm", attn_implementation="eager")
+    default = _load("minilm", attn_implementation="sdpa")
+    eager = _load("minilm")  # minilm defaults to the explicit (eager) attention
     default_ops = _call_targets(torch.export.export(default.model, default.example_inputs, strict=False))
     eager_ops = _call_targets(torch.export.export(eager.model, eager.example_inputs, strict=False))
     assert "aten.scaled_dot_product_attention.default" in default_ops
@@ -136,9 +136,10 @@ def test_minilm_attn_implementation_switches_graph():
 
 @pytest.mark.parametrize("name", HF_MODELS)
 def test_attn_implementation_override(name):
-    default, eager = _load(name), _load(name, attn_implementation="eager")
-    assert default.model.config._attn_implementation == "sdpa"
-    assert eager.model.config._attn_implementation == "eager"
+    default, eager = _load(name, attn_implementation="sdpa"), _load(name, attn_implementation="eager")
+    hf_model = {"minilm": lambda m: m.bert}.get(name, lambda m: m)
+    assert hf_model(default.model).config._attn_implementation == "sdpa"
+    assert hf_model(eager.model).config._attn_implementation == "eager"
     torch.testing.assert_close(_run(eager), _run(default), rtol=1e-4, atol=1e-4)
 
 
@@ -227,7 +228,7 @@ def test_tokenize_padding():
     assert ids.shape == mask.shape == (64, lengths.max().item())
     assert 15 <= lengths.double().mean() <= 30, "sentences should average 15-30 MiniLM tokens"
     assert lengths.min() < lengths.max()
-    for row, n in zip(range(64), lengths.tolist()):
+    for row, n in enumerate(lengths.tolist()):
         assert mask[row, :n].all() and not mask[row, n:].any()
         assert (ids[row, n:] == tokenizer.pad_token_id).all()
 

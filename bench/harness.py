@@ -1,0 +1,190 @@
+"""Side-by-side benchmark harness: one model, several configurations, one process.
+
+A *configuration* turns ``(model, example_inputs)`` into a callable (eager PyTorch, ``torch.compile``
+with inductor, a graphopt pipeline on some backend, and, in later cases, onnxruntime or torchao).
+:func:`run_case` builds every configuration, checks each against eager on every input batch, then
+times them *interleaved* — round after round, each configuration once per batch — so that machine
+noise hits all of them alike, and reports median latency and its ratio to the first configuration.
+
+Results are :class:`Row` records; :func:`write_results` saves them as JSON and as a markdown table
+(``bench/results/<name>.json`` and ``.md``), the files the README's numbers come from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from tabulate import tabulate
+
+import graphopt
+from graphopt.flops import count_flops, param_bytes
+from graphopt.verify import Exact, MinCosine, compare
+
+Builder = Callable[[torch.nn.Module, tuple], "Built"]
+
+
+@dataclass
+class Built:
+    """A configuration ready to run, with what is known about its graph."""
+
+    fn: Callable
+    flops: int | None = None
+    param_bytes: int | None = None
+    notes: str = ""
+
+
+@dataclass
+class Config:
+    name: str
+    build: Builder
+
+
+@dataclass
+class Row:
+    case: str
+    config: str
+    median_ms: float
+    ratio: float  # median latency / the first configuration's median latency (lower is faster)
+    flops: int | None
+    param_bytes: int | None
+    rel_err: float
+    cosine: float
+    build_s: float
+    notes: str = ""
+
+
+def _graph_stats(gm) -> dict[str, int]:
+    return {"flops": count_flops(gm), "param_bytes": param_bytes(gm)}
+
+
+def eager() -> Config:
+    def build(model, example):
+        gm = graphopt.capture(model, example)
+        return Built(model, **_graph_stats(gm))
+
+    return Config("eager", build)
+
+
+def inductor() -> Config:
+    def build(model, example):
+        gm = graphopt.capture(model, example)
+        return Built(torch.compile(model, backend="inductor", dynamic=False), **_graph_stats(gm))
+
+    return Config("inductor", build)
+
+
+def graphopt_pipeline(passes: Sequence[str], backend: str = "eager", name: str | None = None, **optimize_kwargs) -> Config:
+    def build(model, example):
+        opt = graphopt.optimize(model, list(passes), example, backend=backend, **optimize_kwargs)
+        applied = ",".join(opt.report.applied) or "none applied"
+        return Built(opt, notes=f"applied: {applied}", **_graph_stats(opt.graph_module))
+
+    return Config(name or f"graphopt[{'+'.join(passes)}]/{backend}", build)
+
+
+@dataclass
+class Case:
+    """A model and the input batches it is timed and checked on."""
+
+    name: str
+    model: torch.nn.Module
+    batches: list[tuple]
+    configs: list[Config]
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+def _leaves(out) -> list[torch.Tensor]:
+    return [x for x in torch.utils._pytree.tree_leaves(out) if isinstance(x, torch.Tensor) and x.is_floating_point()]
+
+
+def run_case(case: Case, *, rounds: int = 10, warmup: int = 2, log: Callable[[str], None] = print) -> list[Row]:
+    """Build, check and time every configuration of ``case``; the first is the baseline."""
+    built: list[tuple[Config, Built, float]] = []
+    for cfg in case.configs:
+        log(f"[{case.name}] building {cfg.name}")
+        t0 = time.perf_counter()
+        b = cfg.build(case.model, case.batches[0])
+        with torch.no_grad():
+            b.fn(*case.batches[0])  # compile-on-first-call backends pay their build cost here
+        built.append((cfg, b, time.perf_counter() - t0))
+
+    with torch.no_grad():
+        refs = [case.model(*batch) for batch in case.batches]
+        fidelity = []
+        for cfg, b, _ in built:
+            outs = [b.fn(*batch) for batch in case.batches]
+            rel = max(compare(o, r, Exact()).value for o, r in zip(outs, refs))
+            cos = min(compare(_leaves(o), _leaves(r), MinCosine()).value for o, r in zip(outs, refs))
+            fidelity.append((rel, cos))
+
+        for _ in range(warmup):
+            for _, b, _ in built:
+                for batch in case.batches:
+                    b.fn(*batch)
+        times: list[list[float]] = [[] for _ in built]
+        for _ in range(rounds):
+            for i, (_, b, _) in enumerate(built):
+                t0 = time.perf_counter()
+                for batch in case.batches:
+                    b.fn(*batch)
+                times[i].append((time.perf_counter() - t0) * 1e3)
+
+    medians = [statistics.median(t) for t in times]
+    rows = []
+    for (cfg, b, build_s), med, (rel, cos) in zip(built, medians, fidelity):
+        rows.append(Row(case.name, cfg.name, med, med / medians[0], b.flops, b.param_bytes, rel, cos, build_s, b.notes))
+        log(f"[{case.name}] {cfg.name}: {med:.2f} ms ({med / medians[0]:.2f}x), rel_err {rel:.1e}, cosine {cos:.6f}")
+    return rows
+
+
+def environment() -> dict[str, Any]:
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def markdown_table(rows: Sequence[Row]) -> str:
+    table = [
+        [
+            r.case,
+            r.config,
+            f"{r.median_ms:.2f}",
+            f"{r.ratio:.2f}x",
+            "" if r.flops is None else f"{r.flops / 1e9:.3f}",
+            "" if r.param_bytes is None else f"{r.param_bytes / 2**20:.1f}",
+            f"{r.rel_err:.1e}",
+            f"{r.cosine:.6f}",
+            f"{r.build_s:.1f}",
+            r.notes,
+        ]
+        for r in rows
+    ]
+    headers = ["case", "configuration", "median ms", "vs first", "GFLOPs", "params MiB", "max rel err", "min cosine", "build s", "notes"]
+    return tabulate(table, headers=headers, tablefmt="github")
+
+
+def write_results(rows: Sequence[Row], out_dir: str | Path, name: str, extra: dict[str, Any] | None = None) -> tuple[Path, Path]:
+    """Write ``<name>.json`` and ``<name>.md`` into ``out_dir``; returns both paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    env = environment()
+    payload = {"environment": env, "rows": [dataclasses.asdict(r) for r in rows], **(extra or {})}
+    json_path, md_path = out / f"{name}.json", out / f"{name}.md"
+    json_path.write_text(json.dumps(payload, indent=2))
+    env_line = ", ".join(f"{k} {v}" for k, v in env.items() if v is not None)
+    md_path.write_text(f"# {name}\n\n{env_line}\n\nLatency is the median over rounds of running every batch once; ratios are against the first configuration of each case.\n\n{markdown_table(rows)}\n")
+    return json_path, md_path

@@ -1,0 +1,24 @@
+"""Passes shared by several core tests (a module, not a conftest, so tests can import them)."""
+
+import torch
+
+import graphopt
+from graphopt import ir
+
+
+@graphopt.register_pass
+class DoubleReluPass(graphopt.Pass):
+    """Exact: relu(x) == relu(relu(x)); inserts one relu after each relu."""
+
+    name = "double_relu_for_tests"
+
+    def applicable(self, gm):
+        found = bool(ir.op_nodes(gm, ir.aten.relu))
+        return found, "" if found else "no relu in the graph"
+
+    def run(self, gm, ctx):
+        for node in ir.op_nodes(gm, ir.aten.relu):
+            with gm.graph.inserting_after(node):
+                again = gm.graph.call_function(torch.ops.aten.relu.default, (node,))
+            node.replace_all_uses_with(again, delete_user_cb=lambda user: user is not again)
+        return True
