@@ -64,8 +64,17 @@ def _conv(node: Node) -> int:
     w, out = shape_of(node.args[1]), shape_of(node)
     if not w or out is None:
         return 0
+    if node.target.overloadpacket is aten.convolution and normalized_args(node)["transposed"]:
+        return _conv_transpose(node)
     # each output element: in_channels/groups * kernel volume multiply-adds = numel(w[1:])
     return 2 * _numel(out) * _numel(w[1:])
+
+
+@register_flop_rule(aten.conv_transpose1d, aten.conv_transpose2d, aten.conv_transpose3d)
+def _conv_transpose(node: Node) -> int:
+    # the weight is [C_in, C_out/groups, k...]: each input element scatters into numel(w[1:]) outputs
+    x, w = shape_of(node.args[0]), shape_of(node.args[1])
+    return 2 * _numel(x) * _numel(w[1:]) if x and w else 0
 
 
 @register_flop_rule(aten.scaled_dot_product_attention)
@@ -85,8 +94,11 @@ def _einsum(node: Node) -> int:
     sizes: dict[str, int] = {}
     for letters, operand in zip(lhs, node.args[1]):
         shape = shape_of(operand) or ()
-        for ch, s in zip(letters, shape):
-            sizes[ch] = _size(s)
+        if "..." in letters:  # broadcast dims get private labels, aligned from the right
+            head, tail = letters.split("...")
+            letters = [*head, *(f"...{i}" for i in range(len(shape) - len(head) - len(tail), 0, -1)), *tail]
+        for label, size in zip(letters, shape):
+            sizes[label] = max(sizes.get(label, 1), _size(size))
     return 2 * math.prod(sizes.values()) if len(lhs) > 1 else 0
 
 

@@ -133,10 +133,10 @@ def external_user(nodes: Iterable[Node], keep: Iterable[Node] = ()) -> Node | No
     A matcher that wants to replace a subgraph by one new node must check this: replacing a
     subgraph whose intermediate value is also read elsewhere silently changes that reader.
     """
-    inside = set(nodes)
-    allowed = set(keep)
-    for n in inside - allowed:
-        if any(u not in inside for u in n.users):
+    ordered = list(nodes)
+    inside, allowed = set(ordered), set(keep)
+    for n in ordered:  # in the caller's order, so the node named in a reason is deterministic
+        if n not in allowed and any(u not in inside for u in n.users):
             return n
     return None
 
@@ -229,15 +229,16 @@ def add_constant(gm: GraphModule, value: torch.Tensor, name_hint: str, *, before
 
 
 def replace_node(old: Node, new: Node, *, erase: bool = True) -> None:
-    """Send every use of ``old`` to ``new``; erase ``old`` (and nothing else) if asked.
+    """Send every use of ``old`` except ``new``'s own to ``new``; then erase ``old`` if asked and
+    nothing reads it any more (``new = f(old)`` wraps ``old``, which must stay).
 
     ``new`` inherits ``old``'s ``stack_trace`` so that generated code and dumps still point at the
     user's source line.
     """
     if "stack_trace" in old.meta and "stack_trace" not in new.meta:
         new.meta["stack_trace"] = old.meta["stack_trace"]
-    old.replace_all_uses_with(new)
-    if erase:
+    old.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+    if erase and not old.users:
         old.graph.erase_node(old)
 
 
