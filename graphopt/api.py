@@ -77,8 +77,12 @@ def optimize(
     gm = capture(model, args, kwargs, dynamic_shapes)
     report = Report(model=name or type(model).__name__, capture=gm.meta.get("graphopt_capture", ""))
     gm, report = manager.run(gm, args, kwargs, report)
+    if log and backend != "eager":
+        log(f"compiling with the {backend} backend")
     runner = make_runner(gm, args, kwargs)
     if verify and runner is not gm:
+        if log:
+            log(f"checking the {backend} backend against the optimized graph")
         check = compare(run_graph(runner, args, kwargs), run_graph(gm, args, kwargs), Exact(1e-4))
         report.final[f"{backend} vs graph"] = str(check)
         if not check.ok:

@@ -94,7 +94,9 @@ def capture(
 
     Returns:
         A ``GraphModule`` that takes and returns what ``model`` does (pytree in, pytree out), whose
-        parameters are private copies. ``gm.meta["graphopt_capture"]`` says which road was taken.
+        parameters are private copies. ``gm.meta["graphopt_capture"]`` says which road was taken;
+        ``gm.meta["graphopt_mutations"]`` names the buffers and inputs the model writes in place,
+        which running the graph repeatedly would write again.
 
     Raises:
         CaptureError: both roads failed; the message gives both reasons in one line each.
@@ -108,6 +110,7 @@ def capture(
             ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
             gm = ep.module()
             road = "torch.export"
+
         except Exception as export_error:  # noqa: BLE001 - any failure means: try the other road
             reason = one_line(export_error)
             if not fallback:
@@ -125,10 +128,14 @@ def capture(
     _strip_runtime_checks(gm)
     from graphopt.ir import clone_graph_module
 
+    from graphopt.ir import cleanup, in_place_writes
+
     gm = clone_graph_module(gm)  # a plain GraphModule, without export's input-checking hooks
+    cleanup(gm)  # constants the outputs never read (e.g. an unused pooler) are not part of the function
     _privatize_constants(gm)
     gm.eval()
     gm.meta["graphopt_capture"] = road
+    gm.meta["graphopt_mutations"] = in_place_writes(gm)
     if road != "torch.export":
         from graphopt.ir import propagate_shapes
 

@@ -33,6 +33,7 @@ __all__ = [
     "external_user",
     "follow_chain",
     "get_tensor",
+    "in_place_writes",
     "is_op",
     "normalized_args",
     "op_name",
@@ -100,6 +101,40 @@ def normalized_args(node: Node) -> dict[str, Any]:
         else:
             out[arg.name] = None
     return out
+
+
+def _alias_root(value: Any) -> Any:
+    """Follow views (ops whose result aliases their first argument) back to the tensor they view."""
+    while (
+        isinstance(value, Node)
+        and value.op == "call_function"
+        and isinstance(value.target, torch._ops.OpOverload)
+        and value.target._schema.returns
+        and value.target._schema.returns[0].alias_info is not None
+    ):
+        value = value.args[0]
+    return value
+
+
+def in_place_writes(gm: GraphModule) -> dict[str, list[str]]:
+    """The constants (``get_attr`` targets) and graph inputs (placeholder names) that some op of
+    ``gm`` writes in place, directly or through a view: ``{"buffers": [...], "inputs": [...]}``.
+
+    Running such a graph twice is not running it once: verification and benchmarks must know.
+    """
+    written: dict[str, set[str]] = {"buffers": set(), "inputs": set()}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        args = normalized_args(node)
+        for arg in node.target._schema.arguments:
+            if arg.alias_info is not None and arg.alias_info.is_write:
+                root = _alias_root(args.get(arg.name))
+                if isinstance(root, Node) and root.op == "get_attr":
+                    written["buffers"].add(root.target)
+                elif isinstance(root, Node) and root.op == "placeholder":
+                    written["inputs"].add(root.target)
+    return {k: sorted(v) for k, v in written.items()}
 
 
 # ----------------------------------------------------------------------------- walking the graph

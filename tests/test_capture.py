@@ -121,3 +121,18 @@ def test_both_roads_failing_is_one_clear_capture_error():
 def test_not_a_module_is_a_capture_error():
     with pytest.raises(graphopt.CaptureError, match="expected a torch.nn.Module"):
         graphopt.capture(lambda x: x, (torch.ones(1),))
+
+
+def test_in_place_writes_are_recorded():
+    class Counter(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("calls", torch.zeros(()))
+
+        def forward(self, x):
+            self.calls.add_(1)
+            return x * 2
+
+    gm = graphopt.capture(Counter(), (torch.ones(2),))
+    assert gm.meta["graphopt_mutations"] == {"buffers": ["calls"], "inputs": []}
+    assert graphopt.capture(torch.nn.Linear(2, 2), (torch.ones(2),)).meta["graphopt_mutations"] == {"buffers": [], "inputs": []}
