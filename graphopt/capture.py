@@ -139,6 +139,8 @@ def capture(
     if road != "torch.export":
         from graphopt.ir import propagate_shapes
 
+        for node in gm.graph.nodes:  # make_fx's values come from several fake modes: start afresh
+            node.meta.pop("val", None)
         propagate_shapes(gm, args)
     return gm
 

@@ -1,1 +1,4 @@
 """Rewrite passes (installed as graphopt.passes)."""
+
+from graphopt.passes import canonicalize  # noqa: F401
+from graphopt.passes import fold_batchnorm  # noqa: F401

@@ -139,3 +139,13 @@ def test_in_place_writes_are_recorded():
     gm = graphopt.capture(Counter(), (torch.ones(2),))
     assert gm.meta["graphopt_mutations"] == {"buffers": ["calls"], "inputs": []}
     assert graphopt.capture(torch.nn.Linear(2, 2), (torch.ones(2),)).meta["graphopt_mutations"] == {"buffers": [], "inputs": []}
+
+
+def test_fallback_with_dynamic_shapes(tiny_mlp):
+    model, args = tiny_mlp
+    dim = torch.export.Dim.AUTO
+    with mock.patch("torch.export.export", side_effect=RuntimeError("nope")), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm = graphopt.capture(model, args, dynamic_shapes=({0: dim},))
+    assert gm.meta["graphopt_capture"] == "torch.fx.symbolic_trace"
+    torch.testing.assert_close(gm(*args), model(*args))

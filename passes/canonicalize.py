@@ -1,0 +1,624 @@
+"""Canonicalize hand-written attention and normalization formulas into ATen's fused ops.
+
+**Attention.** ``softmax(Q Kᵀ · scale + mask) V`` written out with ``matmul`` / ``@`` / ``bmm`` /
+``einsum`` becomes one ``aten.scaled_dot_product_attention`` node. SDPA's semantics (PyTorch's
+reference implementation) are::
+
+    attn = softmax(Q @ K.transpose(-2, -1) * scale + bias, dim=-1) @ V
+
+where ``bias`` is a float ``attn_mask`` itself, or, for a boolean ``attn_mask``, 0 where it is True
+(attend) and -inf where it is False. The matcher starts from every softmax and accepts, in order:
+
+* a query-key product ``Q @ X`` where ``X`` is ``K`` transposed in its last two dimensions
+  (``transpose(-2, -1)``, ``transpose(2, 3)`` on 4-D, ``permute(0, 1, 3, 2)``) or a key tensor already
+  laid out ``[..., d, S]``; ``bmm``; an einsum such as ``"bhqd,bhkd->bhqk"``;
+* constant scalar scales (``*`` or ``/``) on the scores, the query and/or the key, multiplied into
+  SDPA's explicit ``scale=``;
+* at most one mask, applied after the scaling: an additive float mask (``scores + mask``), a
+  ``masked_fill(mask, -inf)`` (True = blocked, so SDPA gets ``logical_not(mask)``) or
+  ``where(mask, scores, -inf)`` (True = attend); the mask must broadcast to the scores unchanged;
+* value no-ops anywhere on the way (dropout with ``train=False``, casts to the dtype a tensor already
+  has, copies), and for 3-D ``bmm`` attention the ``view`` to ``[B, H, L, S]`` and back around a
+  4-D mask (SDPA then runs on ``unflatten``-ed ``[B, H, ·, ·]`` inputs);
+* the probabilities as the left operand of the product with ``V``.
+
+It leaves a candidate alone, and says why, when anything is off: the softmax is not over the last
+dimension, an intermediate (scores, scaled or masked scores, probabilities) has another user, the
+key is permuted other than by swapping its last two dimensions, a scale is a non-scalar tensor or
+not a compile-time constant (or not positive: SDPA scales Q and K by its square root), a mask does
+not broadcast to the scores, tensors are of rank < 3 or have different batch sizes, dropout is in
+training mode. One difference is by design: a row whose every key is masked with -inf is NaN in the
+written form and zeros in SDPA.
+
+**Normalization.** ``(x - mean(x)) * rsqrt(var(x) + eps) [* w] [+ b]`` over the last dimension, with
+the variance as ``aten.var`` (no correction) or as the mean of the squared centred value and
+``rsqrt`` or ``sqrt`` then divide, becomes ``aten.layer_norm``; ``x * rsqrt(mean(x²) + eps) [* w]``
+becomes ``aten.rms_norm``. A cast to the dtype the value already has (Llama's ``.to(float32)`` on a
+float32 model) is absorbed; any real cast ends the replaced region, so it stays in the graph.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch.fx import GraphModule, Node
+
+from graphopt.ir import aten, external_user, is_op, normalized_args, op_name, replace_node, shape_of, val_of
+from graphopt.match import (
+    VIEW_OPS,
+    broadcasts_to,
+    infer_val,
+    is_value_identity,
+    matmul_operands,
+    normalize_dim,
+    permutation,
+    same_shape,
+    scalar_constant,
+    source_through_identities,
+    swaps_last_two,
+    user_through_identities,
+)
+from graphopt.pass_base import Pass, PassContext, PassResult, register_pass
+
+_SOFTMAX_OPS = (aten.softmax.int, aten._softmax.default)
+_SCALE_OPS = (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar)
+_REASONS_SHOWN = 3
+
+
+class _Reject(Exception):
+    """A candidate that is not provably the pattern; the message says why."""
+
+
+# ----------------------------------------------------------------------------- small predicates
+
+
+def _users_text(node: Node) -> str:
+    return f"{len(node.users)} users: " + ", ".join(u.name for u in node.users) if node.users else "no user"
+
+
+def _leak(region: list[Node], output: Node) -> str | None:
+    """Why replacing ``region`` by one node computing ``output`` would change another reader, if it would."""
+    inside = {*region, output}
+    leak = external_user(inside, keep=[output])
+    if leak is None:
+        return None
+    return f"{leak.name} is also used by " + ", ".join(u.name for u in leak.users if u not in inside)
+
+
+def _keeps_shape_and_dtype(node: Node, operand: Node) -> bool:
+    out, src = val_of(node), val_of(operand)
+    return out is not None and src is not None and out.dtype == src.dtype and same_shape(tuple(out.shape), tuple(src.shape))
+
+
+def _reduces_last_dim(dims: Any, rank: int) -> bool:
+    return isinstance(dims, (list, tuple)) and len(dims) == 1 and normalize_dim(dims[0], rank) == rank - 1
+
+
+def _scale_factor(node: Node) -> tuple[Node, float] | str | None:
+    """``(operand, factor)`` when ``node`` is ``operand * c`` or ``operand / c`` for a constant scalar ``c``.
+
+    None when ``node`` is no multiplication or division; a reason when it is one, but not by a
+    constant scalar (so it cannot be folded into SDPA's ``scale``).
+    """
+    if not is_op(node, *_SCALE_OPS):
+        return None
+    a, b = node.args[0], node.args[1]
+    if is_op(node, aten.div):
+        if not isinstance(a, Node):
+            return None  # c / x is not a scaling of x
+        operand, constant = a, b
+    elif scalar_constant(a) is not None and isinstance(b, Node):
+        operand, constant = b, a
+    elif isinstance(a, Node) and isinstance(b, Node) and not same_shape(shape_of(a), shape_of(node)):
+        operand, constant = b, a  # neither is a constant: blame the operand that is not the full tensor
+    else:
+        operand, constant = a, b
+    value = scalar_constant(constant)
+    if value is None:
+        shape = shape_of(constant) if isinstance(constant, Node) else None
+        if shape is not None and math.prod(shape) != 1:
+            return f"{node.name} multiplies by {constant.name} of shape {tuple(shape)}, not a scalar"
+        name = constant.name if isinstance(constant, Node) else repr(constant)
+        return f"the scale {name} in {node.name} is not a compile-time constant"
+    if is_op(node, aten.div):
+        if value == 0:
+            return f"{node.name} divides by zero"
+        value = 1.0 / value
+    if not _keeps_shape_and_dtype(node, operand):
+        return f"the scale in {node.name} changes the shape or dtype of {operand.name}"
+    return operand, value
+
+
+def _peel_scales(node: Any) -> tuple[Any, list[Node], float]:
+    """Walk back through single-user constant scalings of ``node``: ``(source, nodes, factor)``."""
+    nodes, factor = [], 1.0
+    while isinstance(node, Node) and len(node.users) == 1:
+        step = _scale_factor(node)
+        if not isinstance(step, tuple):
+            break
+        nodes.append(node)
+        node, f = step
+        factor *= f
+    return node, nodes, factor
+
+
+def _leads_to_product(node: Any) -> bool:
+    """Whether ``node`` is a matrix product, up to value no-ops, views and constant scalings."""
+    while isinstance(node, Node):
+        if matmul_operands(node) is not None:
+            return True
+        if is_value_identity(node) or is_op(node, *VIEW_OPS):
+            node = node.args[0]
+            continue
+        step = _scale_factor(node)
+        if not isinstance(step, tuple):
+            return False
+        node = step[0]
+    return False
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+@dataclass
+class _AttentionMatch:
+    """One explicit attention, ready to become an SDPA node."""
+
+    output: Node  # the probabilities-values product; SDPA takes over its users
+    query: Node
+    key: Node
+    key_is_transposed: bool  # ``key`` is laid out [..., d, S]; SDPA needs [..., S, d]
+    value: Node
+    scale: float
+    mask: Node | None = None
+    mask_blocks: bool = False  # a True entry blocks (masked_fill polarity): SDPA needs the negation
+    batch_sizes: list | None = None  # sizes of the 4-D view around a 3-D bmm product
+    region: list[Node] = field(default_factory=list)  # nodes that die once ``output`` is replaced
+
+
+def _mask_step(node: Node) -> tuple[Node, Node, bool] | None:
+    """``(scores, mask, mask_blocks)`` when ``node`` applies a mask to ``scores``, else None.
+
+    Raises :class:`_Reject` for a masking SDPA cannot express.
+    """
+    if is_op(node, aten.add.Tensor):
+        a, b = node.args[0], node.args[1]
+        if normalized_args(node)["alpha"] != 1 or not (isinstance(a, Node) and isinstance(b, Node)):
+            return None
+        scores, mask = (a, b) if _leads_to_product(a) else (b, a)
+        if not _leads_to_product(scores):
+            raise _Reject(f"neither operand of {node.name} comes from a query-key product")
+        mask_val, scores_val = val_of(mask), val_of(scores)
+        if mask_val is None or scores_val is None or mask_val.dtype != scores_val.dtype:
+            raise _Reject(f"the additive mask {mask.name} does not have the scores' dtype")
+        blocks = False
+    elif is_op(node, aten.masked_fill.Scalar):
+        scores, mask, fill = node.args[0], node.args[1], node.args[2]
+        if fill != -math.inf:
+            raise _Reject(f"{node.name} fills with {fill}, not -inf")
+        blocks = True
+    elif is_op(node, aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf):
+        mask, a, b = node.args[0], node.args[1], node.args[2]
+        if scalar_constant(b) == -math.inf and isinstance(a, Node):
+            scores, blocks = a, False
+        elif scalar_constant(a) == -math.inf and isinstance(b, Node):
+            scores, blocks = b, True
+        else:
+            raise _Reject(f"{node.name} selects between the scores and something other than -inf")
+    else:
+        return None
+    if not isinstance(mask, Node) or not broadcasts_to(shape_of(mask), shape_of(scores)):
+        shape = shape_of(mask) if isinstance(mask, Node) else None
+        raise _Reject(f"mask of shape {shape} does not broadcast to the scores {shape_of(scores)}")
+    if not _keeps_shape_and_dtype(node, scores):
+        raise _Reject(f"{node.name} changes the shape or dtype of the scores")
+    return scores, mask, blocks
+
+
+def _unfold_sizes(views: list[Node], mask_inside: bool) -> list | None:
+    """The leading sizes of the view in ``bmm -> view [B, H, L, S] -> mask -> view back``.
+
+    None when SDPA can run on the 3-D product's operands as they are: no views, or views around
+    nothing but scalings (the mask, if any, applies to the 3-D scores).
+    """
+    if not views:
+        return None
+    if len(views) != 2:
+        raise _Reject("the scores are reshaped between the query-key product and the softmax")
+    refold, unfold = views  # backward order: the view nearest the softmax comes first
+    flat, unfolded = shape_of(unfold.args[0]), shape_of(unfold)
+    if (
+        flat is None
+        or unfolded is None
+        or len(flat) != 3
+        or len(unfolded) < 4
+        or not same_shape(unfolded[-2:], flat[-2:])
+        or not same_shape(shape_of(refold), flat)
+    ):
+        raise _Reject("the scores are reshaped other than by splitting and re-merging their batch dimension")
+    return list(unfold.args[1][:-2]) if mask_inside else None
+
+
+def _match_attention(softmax: Node) -> _AttentionMatch:
+    args = normalized_args(softmax)
+    scores = args["self"]
+    shape = shape_of(scores)
+    if shape is None:
+        raise _Reject("the softmax input has no shape information")
+    rank = len(shape)
+    if rank < 3:
+        raise _Reject(f"the scores are {rank}-D; only batched attention (rank >= 3) is matched")
+    if normalize_dim(args["dim"], rank) != rank - 1:
+        raise _Reject(f"softmax over dim {args['dim']}, not the last dimension")
+    if val_of(softmax).dtype != val_of(scores).dtype:
+        raise _Reject("the softmax changes the dtype")
+
+    # forward: probabilities -> (no-ops) -> product with V
+    region = [softmax]
+    output, passed = user_through_identities(softmax)
+    region += passed
+    probs = region[-1]
+    if output is None:
+        raise _Reject(f"the attention probabilities ({probs.name}) have {_users_text(probs)}")
+    if is_op(output, aten.dropout):
+        raise _Reject(f"{output.name} is a dropout in training mode")
+    pv = matmul_operands(output)
+    if pv is None:
+        raise _Reject(f"the probabilities feed {op_name(output.target)}, not a product with the values")
+    if pv.left is not probs or pv.left_transposed or pv.right_transposed or pv.right is probs:
+        raise _Reject(f"{output.name} is not probabilities @ values")
+
+    # backward: softmax input -> (mask) -> (scales) -> query-key product
+    node, scale, scaled, mask, blocks, views, mask_inside = scores, 1.0, False, None, False, [], False
+    while True:
+        if len(node.users) != 1:
+            raise _Reject(f"the attention scores ({node.name}) have {_users_text(node)}")
+        region.append(node)
+        if is_value_identity(node):
+            node = node.args[0]
+            continue
+        if is_op(node, *VIEW_OPS):
+            views.append(node)
+            node = node.args[0]
+            continue
+        masked = _mask_step(node)
+        if masked is not None:
+            if mask is not None:
+                raise _Reject("more than one mask is applied to the scores")
+            if scaled:
+                raise _Reject("the scores are scaled after the mask, SDPA scales before it")
+            node, mask, blocks = masked
+            mask_inside = len(views) == 1
+            continue
+        step = _scale_factor(node)
+        if isinstance(step, str):
+            raise _Reject(step)
+        if step is None:
+            break
+        node, factor = step
+        scale, scaled = scale * factor, True
+    product = node
+    qk = matmul_operands(product)
+    if qk is None:
+        raise _Reject(f"the softmax input comes from {op_name(product.target)} ({product.name}), not a query-key product")
+    if qk.left_transposed:
+        raise _Reject(f"the query is transposed in {product.name}")
+    batch_sizes = _unfold_sizes(views, mask_inside)
+
+    query, nodes, factor = _peel_scales(qk.left)
+    region += nodes
+    scale *= factor
+    key, nodes, factor = _peel_scales(qk.right)
+    region += nodes
+    scale *= factor
+    key_is_transposed = not qk.right_transposed
+    if key_is_transposed and permutation(key) is not None:
+        if not swaps_last_two(key):
+            raise _Reject(f"the key ({key.name}) is permuted {permutation(key)}, not transposed in its last two dimensions")
+        if len(key.users) == 1:
+            region.append(key)
+            key, nodes, factor = _peel_scales(key.args[0])
+            region += nodes
+            scale *= factor
+        else:
+            key = key.args[0]
+        key_is_transposed = False
+
+    value = pv.right
+    _check_operands(query, key, key_is_transposed, value, mask, region)
+    if not (math.isfinite(scale) and scale > 0):
+        raise _Reject(f"the combined scale {scale:g} is not a positive finite number")
+    leak = _leak(region, output)
+    if leak is not None:
+        raise _Reject(leak)
+    return _AttentionMatch(output, query, key, key_is_transposed, value, scale, mask, blocks, batch_sizes, region)
+
+
+def _check_operands(query, key, key_is_transposed, value, mask, region) -> None:
+    shapes = [shape_of(t) if isinstance(t, Node) else None for t in (query, key, value)]
+    if any(s is None for s in shapes):
+        raise _Reject("query, key or value has no shape information")
+    q_shape, k_shape, v_shape = shapes
+    if key_is_transposed:
+        k_shape = (*k_shape[:-2], k_shape[-1], k_shape[-2])
+    if not len(q_shape) == len(k_shape) == len(v_shape):
+        raise _Reject("query, key and value have different ranks")
+    if not (same_shape(q_shape[:-2], k_shape[:-2]) and same_shape(q_shape[:-2], v_shape[:-2])):
+        raise _Reject("query, key and value have different batch sizes (a broadcast product)")
+    dtypes = {val_of(t).dtype for t in (query, key, value)}
+    if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
+        raise _Reject(f"query, key and value dtypes are {sorted(map(str, dtypes))}")
+    if value in region or (mask is not None and mask in region):
+        raise _Reject("the values or the mask are computed from the attention itself")
+
+
+def _rewrite_attention(gm: GraphModule, m: _AttentionMatch) -> None:
+    graph = gm.graph
+
+    def new(target, args, kwargs=None) -> Node:
+        node = graph.call_function(target, args, kwargs or {})
+        infer_val(node)
+        return node
+
+    with graph.inserting_before(m.output):
+        key = new(aten.transpose.int, (m.key, -2, -1)) if m.key_is_transposed else m.key
+        mask = new(aten.logical_not.default, (m.mask,)) if m.mask is not None and m.mask_blocks else m.mask
+        q, k, v = m.query, key, m.value
+        if m.batch_sizes is not None:
+            q, k, v = (new(aten.unflatten.int, (t, 0, m.batch_sizes)) for t in (q, k, v))
+        args = (q, k, v) if mask is None else (q, k, v, mask)
+        out = new(aten.scaled_dot_product_attention.default, args, {"scale": m.scale})
+        if m.batch_sizes is not None:
+            out = new(aten.flatten.using_ints, (out, 0, len(m.batch_sizes) - 1))
+    replace_node(m.output, out)
+    _erase_dead(gm, m.region)
+
+
+def _erase_dead(gm: GraphModule, region: list[Node]) -> None:
+    doomed = set(region)
+    for node in reversed(list(gm.graph.nodes)):
+        if node in doomed and not node.users:
+            gm.graph.erase_node(node)
+
+
+# ----------------------------------------------------------------------------- normalization
+
+
+@dataclass
+class _NormMatch:
+    """One explicit LayerNorm / RMSNorm, ready to become ``aten.layer_norm`` / ``aten.rms_norm``."""
+
+    kind: str  # "layer_norm" or "rms_norm"
+    x: Node
+    eps: float
+    output: Node
+    weight: Node | None = None
+    bias: Node | None = None
+    region: list[Node] = field(default_factory=list)
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Whether ``a`` and ``b`` are the same tensor up to value no-ops (casts to its own dtype, copies)."""
+    return source_through_identities(a)[0] is source_through_identities(b)[0]
+
+
+def _is_mean_last(node: Any, of: Any = None) -> bool:
+    """``mean(t, [-1], keepdim=True)`` (of ``of`` up to value no-ops, when given), without a dtype change."""
+    if not is_op(node, aten.mean.dim):
+        return False
+    args = normalized_args(node)
+    shape = shape_of(args["self"])
+    return (
+        shape is not None
+        and _reduces_last_dim(args["dim"], len(shape))
+        and args["keepdim"] is True
+        and args["dtype"] is None
+        and (of is None or _same_value(args["self"], of))
+    )
+
+
+def _centred(node: Any) -> Node | None:
+    """``x`` when ``node`` is ``x - mean(x, -1, keepdim=True)``, else None."""
+    if not is_op(node, aten.sub.Tensor) or normalized_args(node)["alpha"] != 1:
+        return None
+    x, mean = node.args[0], node.args[1]
+    return x if _is_mean_last(mean, of=x) else None
+
+
+def _squared(node: Any) -> Node | None:
+    """``t`` when ``node`` is ``t ** 2`` or ``t * t``, else None."""
+    if is_op(node, aten.pow.Tensor_Scalar) and node.args[1] == 2:
+        return node.args[0]
+    if is_op(node, aten.mul.Tensor) and node.args[0] is node.args[1]:
+        return node.args[0]
+    return None
+
+
+def _is_norm_candidate(node: Node) -> bool:
+    """``rsqrt`` / ``sqrt`` of ``statistic + something``, the statistic a ``mean`` or ``var``."""
+    if not is_op(node, aten.rsqrt, aten.sqrt):
+        return False
+    total, _ = source_through_identities(node.args[0])
+    if not is_op(total, aten.add.Tensor):
+        return False
+    return any(is_op(a, aten.mean, aten.var) for a in total.args[:2] if isinstance(a, Node))
+
+
+def _variance_of(stat: Node, region: list[Node]) -> tuple[str, Node]:
+    """``("layer_norm", x)`` for a biased variance of ``x``, ``("rms_norm", x)`` for a mean square."""
+    shape = shape_of(stat.args[0])
+    if shape is None:
+        raise _Reject(f"{stat.name} has no shape information")
+    if is_op(stat, aten.var):
+        if not is_op(stat, aten.var.correction, aten.var.dim):
+            raise _Reject(f"{stat.name} is not a variance over given dimensions")
+        args = normalized_args(stat)
+        biased = args.get("correction", None) == 0 or args.get("unbiased", None) is False
+        if not (_reduces_last_dim(args["dim"], len(shape)) and args["keepdim"] is True and biased):
+            raise _Reject(f"{stat.name} is not a biased variance over the last dimension with keepdim")
+        return "layer_norm", stat.args[0]
+    if not _is_mean_last(stat):
+        raise _Reject(f"{stat.name} is not a mean over the last dimension with keepdim")
+    square, passed = source_through_identities(stat.args[0])
+    base = _squared(square)
+    if base is None:
+        raise _Reject(f"{stat.name} averages {square.name}, not a square")
+    region += [*passed, square]
+    x = _centred(base)
+    if x is None:
+        return "rms_norm", base
+    region += [base, base.args[1]]
+    return "layer_norm", x
+
+
+def _normalized_value(kind: str, x: Node, anchor: Node, region: list[Node]) -> Node:
+    """The node computing ``centred(x) * rsqrt(...)`` (or ``x * rsqrt(...)`` for RMSNorm)."""
+    user, passed = user_through_identities(anchor)
+    region += passed
+    inverse = passed[-1] if passed else anchor
+    if user is None:
+        raise _Reject(f"{inverse.name} has {_users_text(inverse)}")
+    if is_op(anchor, aten.rsqrt) and is_op(user, aten.mul.Tensor):
+        operands = [a for a in user.args[:2] if a is not inverse]
+    elif is_op(anchor, aten.sqrt) and is_op(user, aten.div.Tensor) and user.args[1] is inverse:
+        operands = [user.args[0]]
+    else:
+        raise _Reject(f"{user.name} does not normalize by {anchor.name}")
+    if len(operands) != 1:
+        raise _Reject(f"{user.name} does not normalize by {anchor.name}")
+    scaled = operands[0]
+    if kind == "rms_norm" and not _same_value(scaled, x):
+        raise _Reject(f"{user.name} normalizes {scaled.name}, not {x.name}")
+    if kind == "layer_norm":
+        if not _same_value(_centred(scaled), x):
+            raise _Reject(f"{user.name} normalizes {scaled.name}, not the centred {x.name}")
+        region += [scaled, scaled.args[1]]
+    return user
+
+
+def _affine_step(node: Node, ops: tuple, size: int) -> tuple[Node, Node, list[Node]] | None:
+    """``(result, p, identities)`` when ``node`` feeds, through no-ops, ``op(node, p)`` with ``p`` of shape ``[size]``."""
+    user, passed = user_through_identities(node)
+    if user is None or not is_op(user, *ops):
+        return None
+    if is_op(user, aten.add.Tensor) and normalized_args(user)["alpha"] != 1:
+        return None
+    last = passed[-1] if passed else node
+    others = [a for a in user.args[:2] if a is not last]
+    if len(others) != 1 or not isinstance(others[0], Node):
+        return None
+    param = others[0]
+    if not same_shape(shape_of(param), (size,)) or not _keeps_shape_and_dtype(user, last):
+        return None
+    return user, param, passed
+
+
+def _match_norm(anchor: Node) -> _NormMatch:
+    region = [anchor]
+    total, passed = source_through_identities(anchor.args[0])
+    region += [*passed, total]
+    if normalized_args(total)["alpha"] != 1:
+        raise _Reject(f"{total.name} adds with alpha != 1")
+    a, b = total.args[0], total.args[1]
+    stat, eps = (a, scalar_constant(b)) if is_op(a, aten.mean, aten.var) else (b, scalar_constant(a))
+    if eps is None or not (math.isfinite(eps) and eps >= 0):
+        raise _Reject(f"{total.name} does not add a constant epsilon >= 0 to the statistic")
+    region.append(stat)
+    kind, x = _variance_of(stat, region)
+    shape, x_val = shape_of(x), val_of(x)
+    if shape is None or not isinstance(shape[-1], int) or not x_val.is_floating_point():
+        raise _Reject(f"{x.name} needs a floating-point tensor with a static last dimension")
+    size = shape[-1]
+
+    output = _normalized_value(kind, x, anchor, region)
+    weight = bias = None
+    step = _affine_step(output, (aten.mul.Tensor,), size)
+    if step is not None:
+        region += [output, *step[2]]
+        output, weight = step[0], step[1]
+    step = _affine_step(output, (aten.add.Tensor,), size) if kind == "layer_norm" else None
+    if step is not None:
+        region += [output, *step[2]]
+        output, bias = step[0], step[1]
+    if not _keeps_shape_and_dtype(output, x):
+        raise _Reject(f"{output.name} does not have the shape and dtype of {x.name}")
+    leak = _leak(region, output)
+    if leak is not None:
+        raise _Reject(leak)
+    return _NormMatch(kind, x, eps, output, weight, bias, region)
+
+
+def _rewrite_norm(gm: GraphModule, m: _NormMatch) -> None:
+    size = [shape_of(m.x)[-1]]
+    if m.kind == "layer_norm":
+        target, args = aten.layer_norm.default, (m.x, size, m.weight, m.bias, m.eps)
+    else:
+        target, args = aten.rms_norm.default, (m.x, size, m.weight, m.eps)
+    with gm.graph.inserting_before(m.output):
+        node = gm.graph.call_function(target, args)
+    infer_val(node)
+    replace_node(m.output, node)
+    _erase_dead(gm, m.region)
+
+
+# ----------------------------------------------------------------------------- the pass
+
+
+def _attention_candidates(gm: GraphModule) -> list[Node]:
+    return [n for n in gm.graph.nodes if is_op(n, *_SOFTMAX_OPS)]
+
+
+def _norm_candidates(gm: GraphModule) -> list[Node]:
+    return [n for n in gm.graph.nodes if _is_norm_candidate(n)]
+
+
+def _summary(reasons: list[str]) -> str:
+    shown = "; ".join(reasons[:_REASONS_SHOWN])
+    more = len(reasons) - _REASONS_SHOWN
+    return shown + (f" (+{more} more)" if more > 0 else "")
+
+
+@register_pass
+class Canonicalize(Pass):
+    """Explicit attention -> ``aten.scaled_dot_product_attention``; explicit LayerNorm / RMSNorm -> ATen ops.
+
+    See the module docstring for the accepted forms and the rejections. Stats: how many of each
+    were rewritten; a candidate left alone is reported with its reason in the result message.
+    """
+
+    name = "canonicalize"
+    exact = True
+
+    def applicable(self, gm: GraphModule) -> tuple[bool, str]:
+        if _attention_candidates(gm) or _norm_candidates(gm):
+            return True, ""
+        return False, "no explicit attention or normalization formula in the graph"
+
+    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+        stats = {"attention": 0, "layer_norm": 0, "rms_norm": 0}
+        reasons: list[str] = []
+        # Norms first: a normalized value may be an attention's query or key, and each match is made
+        # on the graph as the previous rewrites left it.
+        for anchor in _norm_candidates(gm):
+            try:
+                match = _match_norm(anchor)
+            except _Reject as why:
+                reasons.append(f"{anchor.name}: {why}")
+                continue
+            _rewrite_norm(gm, match)
+            stats[match.kind] += 1
+        for softmax in _attention_candidates(gm):
+            try:
+                match = _match_attention(softmax)
+            except _Reject as why:
+                reasons.append(f"{softmax.name}: {why}")
+                continue
+            _rewrite_attention(gm, match)
+            stats["attention"] += 1
+        changed = any(stats.values())
+        message = _summary(reasons)
+        if changed and message:
+            message = "left alone: " + message
+        return PassResult(changed=changed, stats=stats, message=message)
