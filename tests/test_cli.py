@@ -86,7 +86,8 @@ def test_passes_listed_by_the_installed_console_script():
     exe = shutil.which("graphopt", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
     assert exe, "the graphopt console script is not installed"
     lines = {line.split()[0]: line for line in ok(subprocess.run([exe, "passes"], capture_output=True, text=True, timeout=120)).stdout.splitlines()}
-    registered = graphopt.available_passes()
+    # the built-in passes: tests in this process register passes of their own
+    registered = {n: c for n, c in graphopt.available_passes().items() if c.__module__.startswith("graphopt.passes.")}
     assert set(lines) == set(registered)
     for name, cls in registered.items():
         kind = "exact" if cls.exact else cls.budget.describe()
@@ -214,7 +215,8 @@ def test_demo_reports_fidelity_and_latency_on_real_minilm():
     assert lines[0] == "graphopt report for zoo:minilm"
     table = lines[lines.index(next(line for line in lines if line.startswith("----"))) + 1 :]
     ran = [line.split()[0] for line in table[: next(i for i, line in enumerate(table) if line.startswith("end to end"))]]
-    assert sorted(ran) == sorted(name for name, cls in graphopt.available_passes().items() if cls.exact)
+    builtin = {n: c for n, c in graphopt.available_passes().items() if c.__module__.startswith("graphopt.passes.")}
+    assert sorted(ran) == sorted(name for name, cls in builtin.items() if cls.exact)
     mean, low = map(float, re.search(r"cosine similarity: mean ([\d.]+), min ([\d.]+)", out).groups())
     assert low >= 0.9999 and mean >= low
     assert re.search(r"nearest-neighbour agreement: ([\d.]+) \((\d+)/64\)", out).groups() == ("1.0000", "64")
