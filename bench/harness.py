@@ -119,7 +119,7 @@ def run_case(case: Case, *, rounds: int = 10, warmup: int = 2, log: Callable[[st
     with torch.no_grad():
         refs = [case.model(*batch) for batch in case.batches]
         fidelity = []
-        for cfg, b, _ in built:
+        for _, b, _ in built:
             outs = [b.fn(*batch) for batch in case.batches]
             rel = max(compare(o, r, Exact()).value for o, r in zip(outs, refs))
             cos = min(compare(_leaves(o), _leaves(r), MinCosine()).value for o, r in zip(outs, refs))

@@ -1,6 +1,5 @@
 """graphopt.flops: FLOP rules against hand-computed numbers and torch's FlopCounterMode."""
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -10,17 +9,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from graphopt import capture, ir
 from graphopt.flops import count_flops, node_flops, param_bytes, register_flop_rule
+from tests_helpers import Fn
 
 
-class Fn(nn.Module):
-    """A module running ``fn`` on its inputs (captures one op at a time)."""
-
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, *args):
-        return self.fn(*args)
 
 
 def _flops(fn, *inputs, target):

@@ -1,6 +1,7 @@
 """Passes shared by several core tests (a module, not a conftest, so tests can import them)."""
 
 import torch
+from torch import nn
 
 import graphopt
 from graphopt import ir
@@ -20,5 +21,16 @@ class DoubleReluPass(graphopt.Pass):
         for node in ir.op_nodes(gm, ir.aten.relu):
             with gm.graph.inserting_after(node):
                 again = gm.graph.call_function(torch.ops.aten.relu.default, (node,))
-            node.replace_all_uses_with(again, delete_user_cb=lambda user: user is not again)
+            ir.replace_node(node, again)  # node stays: again reads it
         return True
+
+
+class Fn(nn.Module):
+    """A module running ``fn`` on its inputs: one written form (or one op) per module."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args):
+        return self.fn(*args)

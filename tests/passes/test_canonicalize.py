@@ -14,21 +14,13 @@ from graphopt.manager import run_graph
 from graphopt.report import APPLIED, NOT_APPLICABLE, UNCHANGED
 from graphopt.testing import assert_applies, run_pass
 from graphopt.verify import relative_error
+from tests_helpers import Fn
 
 SDPA = "aten.scaled_dot_product_attention.default"
 SOFTMAXES = ("aten.softmax.int", "aten._softmax.default")
 B, H, L, D = 2, 3, 5, 8
 
 
-class Fn(nn.Module):
-    """Wraps a function of tensors as a module (one module per written form)."""
-
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, *args):
-        return self.fn(*args)
 
 
 def _qkv(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
