@@ -25,6 +25,7 @@ import torch
 from tabulate import tabulate
 
 import graphopt
+from graphopt.capture import inference_view
 from graphopt.flops import count_flops, param_bytes
 from graphopt.verify import Exact, MinCosine, compare
 
@@ -106,7 +107,16 @@ def _leaves(out) -> list[torch.Tensor]:
 
 
 def run_case(case: Case, *, rounds: int = 10, warmup: int = 2, log: Callable[[str], None] = print) -> list[Row]:
-    """Build, check and time every configuration of ``case``; the first is the baseline."""
+    """Build, check and time every configuration of ``case``; the first is the baseline.
+
+    Everything runs on the function graphopt captures (eval mode, KV cache off), so that eager
+    decoders are not timed building a cache the optimized graphs do not return.
+    """
+    with inference_view(case.model):
+        return _run_case(case, rounds, warmup, log)
+
+
+def _run_case(case: Case, rounds: int, warmup: int, log: Callable[[str], None]) -> list[Row]:
     built: list[tuple[Config, Built, float]] = []
     for cfg in case.configs:
         log(f"[{case.name}] building {cfg.name}")

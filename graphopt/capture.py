@@ -35,7 +35,7 @@ import torch.fx
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CaptureError", "capture", "one_line"]
+__all__ = ["CaptureError", "capture", "inference_view", "one_line"]
 
 
 class CaptureError(RuntimeError):
@@ -51,8 +51,12 @@ def one_line(exc: BaseException, limit: int = 300) -> str:
 
 
 @contextlib.contextmanager
-def _inference_view(model: torch.nn.Module):
-    """Eval mode and no KV cache for the duration, restoring the caller's settings afterwards."""
+def inference_view(model: torch.nn.Module):
+    """Eval mode and no KV cache for the duration, restoring the caller's settings afterwards.
+
+    This is the function :func:`capture` captures; run the original model inside it to get the
+    outputs a captured graph must reproduce.
+    """
     was_training = model.training
     configs = [m.config for m in model.modules() if hasattr(getattr(m, "config", None), "use_cache")]
     saved = [(c, c.use_cache) for c in {id(c): c for c in configs}.values()]
@@ -105,7 +109,7 @@ def capture(
         raise CaptureError(f"expected a torch.nn.Module, got {type(model).__name__}")
     args = _normalize_args(example_inputs)
     kwargs = dict(example_kwargs or {})
-    with _inference_view(model):
+    with inference_view(model):
         try:
             ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
             gm = ep.module()

@@ -19,7 +19,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from graphopt.api import OptimizedModule, optimize
-from graphopt.capture import _inference_view
+from graphopt.capture import inference_view
 from graphopt.ir import count_ops, op_name
 from graphopt.manager import run_graph
 from graphopt.pass_base import Pass, make_pass
@@ -62,7 +62,7 @@ def assert_applies(
     missing = [n for n in map(_name, present) if not ops[n]]
     assert not missing, f"{p.name} graph lacks {missing}"
     for inputs in [tuple(example_inputs), *map(tuple, other_inputs)]:
-        with _inference_view(model):  # the reference as captured: eval mode, no KV cache
+        with inference_view(model):  # the reference as captured: eval mode, no KV cache
             reference = run_graph(model, inputs)
         check = compare(run_graph(opt, inputs), reference, p.budget)
         assert check.ok, f"{p.name} changed the function: {check}"
