@@ -184,7 +184,7 @@ def markdown_table(rows: Sequence[Row]) -> str:
         for r in rows
     ]
     headers = ["case", "configuration", "median ms", "vs first", "GFLOPs", "params MiB", "max rel err", "min cosine", "build s", "notes"]
-    return tabulate(table, headers=headers, tablefmt="github")
+    return tabulate(table, headers=headers, tablefmt="github", disable_numparse=True)
 
 
 def write_results(rows: Sequence[Row], out_dir: str | Path, name: str, extra: dict[str, Any] | None = None) -> tuple[Path, Path]:
