@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["rms_norm"]
+__all__ = ["crms_norm", "rms_norm"]
 
 
 @torch.library.custom_op("graphopt::rms_norm", mutates_args=())
@@ -38,4 +38,24 @@ def rms_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) 
 
 @rms_norm.register_fake
 def _rms_norm_fake(x, weight, bias, eps):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("graphopt::crms_norm", mutates_args=())
+def crms_norm(x: Tensor, eps: float) -> Tensor:
+    """Compressed RMSNorm (Pre-CRMSNorm, Jiang et al. 2023) over the last dimension, no affine.
+
+    ``x`` holds the first ``d - 1`` coordinates of a zero-mean ``d``-vector ``v`` (the last one is
+    ``-sum(x)``), so ``rms(v)^2 = (sum(x^2) + sum(x)^2) / d``. Returns ``x / sqrt(rms(v)^2 + eps)``,
+    still ``d - 1`` wide; gain, bias and the missing coordinate are folded into the readers.
+    Computed in fp32 for fp16/bf16 inputs.
+    """
+    xf = x.float()
+    d = x.shape[-1] + 1
+    mean_square = (xf.pow(2).sum(dim=-1, keepdim=True) + xf.sum(dim=-1, keepdim=True).pow(2)) / d
+    return (xf * torch.rsqrt(mean_square + eps)).to(x.dtype)
+
+
+@crms_norm.register_fake
+def _crms_norm_fake(x, eps):
     return torch.empty_like(x)

@@ -44,3 +44,11 @@ def test_custom_op_captures_propagates_dynamic_shapes_and_saves(tmp_path):
     loaded = graphopt.load(str(path))
     y = torch.randn(3, 4, 16)
     torch.testing.assert_close(loaded(y), model(y))
+
+
+def test_crms_norm_equals_rms_norm_of_the_decompressed_vector():
+    v = torch.randn(3, 7, 10, dtype=torch.float64)
+    v = v - v.mean(-1, keepdim=True)  # zero-mean: the last coordinate is minus the sum of the others
+    full = torch.ops.graphopt.rms_norm(v, None, None, 1e-6)
+    compressed = torch.ops.graphopt.crms_norm(v[..., :-1], 1e-6)
+    torch.testing.assert_close(compressed, full[..., :-1])
