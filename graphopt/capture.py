@@ -27,13 +27,12 @@ export reports it, and the captured graph only runs at that size.
 from __future__ import annotations
 
 import contextlib
-import logging
 import warnings
 
 import torch
 import torch.fx
 
-log = logging.getLogger(__name__)
+from graphopt.ir import _unique_attr_name, cleanup, clone_graph_module, in_place_writes, propagate_shapes
 
 __all__ = ["CaptureError", "capture", "inference_view", "one_line"]
 
@@ -114,7 +113,6 @@ def capture(
             ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
             gm = ep.module()
             road = "torch.export"
-
         except Exception as export_error:  # noqa: BLE001 - any failure means: try the other road
             reason = one_line(export_error)
             if not fallback:
@@ -130,10 +128,6 @@ def capture(
                 ) from trace_error
     _inline_mode_regions(gm)
     _strip_runtime_checks(gm)
-    from graphopt.ir import clone_graph_module
-
-    from graphopt.ir import cleanup, in_place_writes
-
     gm = clone_graph_module(gm)  # a plain GraphModule, without export's input-checking hooks
     cleanup(gm)  # constants the outputs never read (e.g. an unused pooler) are not part of the function
     _privatize_constants(gm)
@@ -141,8 +135,6 @@ def capture(
     gm.meta["graphopt_capture"] = road
     gm.meta["graphopt_mutations"] = in_place_writes(gm)
     if road != "torch.export":
-        from graphopt.ir import propagate_shapes
-
         for node in gm.graph.nodes:  # make_fx's values come from several fake modes: start afresh
             node.meta.pop("val", None)
         propagate_shapes(gm, args)
@@ -208,8 +200,6 @@ def _inline_call(gm: torch.fx.GraphModule, call: torch.fx.Node, sub: torch.fx.Gr
             elif sn.op == "output":
                 outputs = torch.fx.map_arg(sn.args[0], lambda n: env[n])
             elif sn.op == "get_attr":
-                from graphopt.ir import _unique_attr_name
-
                 name = _unique_attr_name(gm, sn.target.replace(".", "_"))
                 setattr(gm, name, getattr(sub, sn.target))
                 env[sn] = gm.graph.get_attr(name)
