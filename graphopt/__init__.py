@@ -22,6 +22,7 @@ from graphopt.pass_base import (
     register_pass,
 )
 from graphopt.report import PassRecord, Report
+from graphopt.repbn import finalize
 from graphopt.verify import Exact, MinCosine
 
 __version__ = "0.1.0"
@@ -43,6 +44,7 @@ __all__ = [
     "available_passes",
     "capture",
     "compile_backend",
+    "finalize",
     "get_pass",
     "load",
     "make_pass",

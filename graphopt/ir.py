@@ -267,22 +267,25 @@ def replace_node(old: Node, new: Node, *, erase: bool = True) -> None:
     """Send every use of ``old`` except ``new``'s own to ``new``; then erase ``old`` if asked and
     nothing reads it any more (``new = f(old)`` wraps ``old``, which must stay).
 
-    ``new`` inherits ``old``'s ``stack_trace`` so that generated code and dumps still point at the
-    user's source line.
+    ``new`` inherits ``old``'s ``stack_trace`` and ``nn_module_stack`` so that generated code, dumps
+    and passes that select layers by module path still point at the user's source.
     """
-    if "stack_trace" in old.meta and "stack_trace" not in new.meta:
-        new.meta["stack_trace"] = old.meta["stack_trace"]
+    for key in ("stack_trace", "nn_module_stack"):  # where in the user's model the node came from
+        if key in old.meta and key not in new.meta:
+            new.meta[key] = old.meta[key]
     old.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
     if erase and not old.users:
         old.graph.erase_node(old)
 
 
 def delete_unused_attributes(gm: GraphModule) -> int:
-    """Drop parameters and buffers that no ``get_attr`` node reads; returns how many."""
+    """Drop parameters and buffers that no ``get_attr`` node reads and no ``call_module`` node's
+    module owns; returns how many."""
     used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    called = tuple(f"{n.target}." for n in gm.graph.nodes if n.op == "call_module")  # a called module keeps its state
     dropped = 0
     for name, _ in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
-        if name not in used:
+        if name not in used and not name.startswith(called):
             *path, leaf = name.split(".")
             owner = gm.get_submodule(".".join(path)) if path else gm
             owner._parameters.pop(leaf, None)
