@@ -3,7 +3,8 @@
 A backend is ``fn(gm, example_inputs, example_kwargs) -> callable`` taking and returning what
 ``gm`` does. Built in:
 
-* ``eager``: the rewritten ``GraphModule`` itself, op by op (every device, no compile time);
+* ``eager``: the rewritten ``GraphModule`` itself, op by op (every device, no compile time), with
+  graphopt's own ops calling their kernels directly;
 * ``inductor``: the rewritten graph handed to ``torch.compile(backend="inductor")`` (CPU and GPU).
 """
 
@@ -43,8 +44,19 @@ def get_backend(name: str) -> Callable[..., Callable]:
 
 @register_backend("eager")
 def eager(gm, example_inputs: Any = (), example_kwargs: Any = None, **options) -> Callable:
-    """Run the graph as is."""
-    return gm
+    """Run the graph op by op; graphopt ops with a direct kernel (``graphopt.ops.EAGER_FAST_PATHS``)
+    call it without going through the dispatcher, in a copy of the graph (``gm`` stays canonical)."""
+    from graphopt.ir import clone_graph_module
+    from graphopt.ops import EAGER_FAST_PATHS
+
+    if not any(n.op == "call_function" and n.target in EAGER_FAST_PATHS for n in gm.graph.nodes):
+        return gm
+    runner = clone_graph_module(gm)
+    for node in runner.graph.nodes:
+        if node.op == "call_function" and node.target in EAGER_FAST_PATHS:
+            node.target = EAGER_FAST_PATHS[node.target]
+    runner.recompile()
+    return runner
 
 
 @register_backend("inductor")
