@@ -1,0 +1,344 @@
+"""Code generation of one Triton kernel for a fused region of pointwise ATen ops.
+
+The input is a ``torch.fx.GraphModule`` whose ``call_function`` nodes are all pointwise ATen ops
+(a region cut out by the partitioner: its placeholders are the region's inputs, its output the
+region's outputs). Each op has a small lowering rule in :data:`LOWERINGS` that turns the Triton
+expressions of its arguments into the Triton expression of its result; the generator composes
+them, in graph order, into the body of ONE ``@triton.jit`` kernel, in the style of the vector-add
+tutorial of Triton: 1-D blocks over the flattened (broadcast) output, a mask for the ragged last
+block, one load per input, one store per output.
+
+Each input is read in place through its own strides over the output's coordinates: a broadcast
+dimension has stride 0 and a permuted input keeps its strides, so neither is copied. Loads are cast
+to fp32 at once, so fp16/bf16 regions compute in fp32, and each store casts to its output's
+dtype; outputs are contiguous. Shapes are kernel arguments (nothing is baked into the source): at
+call time dimensions of size 1 are dropped and adjacent dimensions that every operand walks
+contiguously are merged, and up to :data:`MAX_RANK` dimensions remain.
+
+:func:`compile_region` returns the launcher, :func:`region_source` the kernel's source. Kernels are
+cached by a hash of their source and launch configuration. Under the Triton interpreter
+(``TRITON_INTERPRET=1``) the block size is fixed; on a GPU ``@triton.autotune`` picks it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import math
+import os
+import re
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import triton
+from torch.fx import GraphModule, Node
+
+from graphopt.ir import aten, normalized_args
+
+__all__ = ["LOWERINGS", "MAX_RANK", "NotLowerable", "compile_region", "region_source"]
+
+MAX_RANK = 4
+"""Dimensions the kernel indexes, after size-1 dimensions are dropped and contiguous ones merged."""
+
+BLOCK_SIZE = 1024
+"""Elements per program under the interpreter (on a GPU the autotuner picks among GPU_CONFIGS)."""
+
+GPU_CONFIGS = ((256, 2), (512, 4), (1024, 4), (2048, 8))
+"""(BLOCK_SIZE, num_warps) pairs the autotuner times on a GPU, keyed by the element count."""
+
+
+class NotLowerable(Exception):
+    """The region holds something the generator has no rule for; the backend leaves it to ATen."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Lowering rules: normalized arguments (tensors as Triton expressions) -> Triton expression.
+
+
+def _expr(value: Any) -> str:
+    """A Triton expression for an argument: an expression already (a tensor) or a number."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise NotLowerable(f"argument {value!r} is neither a tensor nor a number")
+    if not math.isfinite(value):
+        raise NotLowerable(f"non-finite scalar {value!r}")
+    return repr(float(value))  # everything computes in fp32
+
+
+def _scaled(value: Any, alpha: Any) -> str:
+    return _expr(value) if alpha == 1 else f"{_expr(alpha)} * {_expr(value)}"
+
+
+def _binary(operator: str) -> Callable[[dict], str]:
+    return lambda a: f"({_expr(a['self'])} {operator} {_expr(a['other'])})"
+
+
+def _unary(template: str) -> Callable[[dict], str]:
+    return lambda a: template.format(x=_expr(a["self"]))
+
+
+def _tanh(x: str) -> str:
+    # tl.math has no tanh and libdevice does not run under the interpreter: tanh(x) = 2σ(2x) - 1
+    return f"(2.0 * tl.sigmoid(2.0 * {x}) - 1.0)"
+
+
+def _pow(a: dict) -> str:
+    x, exponent = _expr(a["self"]), a["exponent"]
+    if isinstance(exponent, str):
+        raise NotLowerable("pow with a tensor exponent")
+    special = {0: f"(tl.zeros_like({x}) + 1.0)", 0.5: f"tl.sqrt({x})", 1: x, 2: f"({x} * {x})", 3: f"({x} * {x} * {x})", -1: f"(1.0 / {x})"}
+    if exponent in special:
+        return special[exponent]
+    if float(exponent).is_integer():  # defined for negative bases: |x|^e, negated for odd e
+        magnitude = f"tl.exp2({_expr(exponent)} * tl.log2(tl.abs({x})))"
+        return f"tl.where({x} < 0, -{magnitude}, {magnitude})" if int(exponent) % 2 else magnitude
+    return f"tl.exp2({_expr(exponent)} * tl.log2({x}))"  # NaN for negative bases, as in ATen
+
+
+def _gelu(a: dict) -> str:
+    x = _expr(a["self"])
+    if a["approximate"] == "tanh":
+        return f"(0.5 * {x} * (1.0 + {_tanh(f'0.7978845608028654 * ({x} + 0.044715 * {x} * {x} * {x})')}))"
+    return f"(0.5 * {x} * (1.0 + tl.math.erf({x} * 0.7071067811865476)))"
+
+
+def _clamp(a: dict) -> str:
+    out = _expr(a["self"])
+    if a.get("min") is not None:
+        out = f"tl.maximum({out}, {_expr(a['min'])})"
+    if a.get("max") is not None:
+        out = f"tl.minimum({out}, {_expr(a['max'])})"
+    return out
+
+
+_TRITON_DTYPES = {
+    torch.float16: "tl.float16",
+    torch.bfloat16: "tl.bfloat16",
+    torch.int8: "tl.int8",
+    torch.uint8: "tl.uint8",
+    torch.int16: "tl.int16",
+    torch.int32: "tl.int32",
+    torch.int64: "tl.int64",
+}
+
+
+def _cast(a: dict) -> str:
+    """Round to the target dtype, then go on in fp32 (bool stays a Triton int1 mask)."""
+    x, dtype = _expr(a["self"]), a["dtype"]
+    if dtype is None or dtype in (torch.float32, torch.float64):  # fp64 computes in fp32 like all else
+        return x
+    if dtype == torch.bool:
+        return f"({x} != 0)"
+    if dtype not in _TRITON_DTYPES:
+        raise NotLowerable(f"cast to {dtype}")
+    return f"{x}.to({_TRITON_DTYPES[dtype]}).to(tl.float32)"
+
+
+def _where(a: dict) -> str:
+    return f"tl.where({_expr(a['condition'])} != 0, {_expr(a['self'])}, {_expr(a['other'])})"
+
+
+def _dropout(a: dict) -> str:
+    if a["train"]:
+        raise NotLowerable("dropout in training mode")
+    return _expr(a["input"])
+
+
+LOWERINGS: dict[Any, Callable[[dict[str, Any]], str]] = {
+    aten.add.Tensor: lambda a: f"({_expr(a['self'])} + {_scaled(a['other'], a['alpha'])})",
+    aten.add.Scalar: lambda a: f"({_expr(a['self'])} + {_scaled(a['other'], a['alpha'])})",
+    aten.sub.Tensor: lambda a: f"({_expr(a['self'])} - {_scaled(a['other'], a['alpha'])})",
+    aten.sub.Scalar: lambda a: f"({_expr(a['self'])} - {_scaled(a['other'], a['alpha'])})",
+    aten.rsub.Scalar: lambda a: f"({_scaled(a['other'], 1)} - {_scaled(a['self'], a['alpha'])})",
+    aten.mul.Tensor: _binary("*"),
+    aten.mul.Scalar: _binary("*"),
+    aten.div.Tensor: _binary("/"),
+    aten.div.Scalar: _binary("/"),
+    aten.neg.default: _unary("(-{x})"),
+    aten.abs.default: _unary("tl.abs({x})"),
+    aten.exp.default: _unary("tl.exp({x})"),
+    aten.log.default: _unary("tl.log({x})"),
+    aten.sqrt.default: _unary("tl.sqrt({x})"),
+    aten.rsqrt.default: _unary("tl.math.rsqrt({x})"),
+    aten.pow.Tensor_Scalar: _pow,
+    aten.relu.default: _unary("tl.maximum({x}, 0.0)"),
+    aten.sigmoid.default: _unary("tl.sigmoid({x})"),
+    aten.tanh.default: lambda a: _tanh(_expr(a["self"])),
+    aten.silu.default: _unary("({x} * tl.sigmoid({x}))"),
+    aten.gelu.default: _gelu,
+    aten.where.self: _where,
+    aten.where.ScalarOther: _where,
+    aten.clamp.default: _clamp,
+    aten.clamp.Tensor: _clamp,
+    aten.clamp_min.default: lambda a: _clamp({"self": a["self"], "min": a["min"]}),
+    aten.clamp_max.default: lambda a: _clamp({"self": a["self"], "max": a["max"]}),
+    aten._to_copy.default: _cast,
+    aten.to.dtype: _cast,
+    aten.dropout.default: _dropout,
+}
+for _name, _operator in {"lt": "<", "gt": ">", "le": "<=", "ge": ">=", "eq": "==", "ne": "!="}.items():
+    for _overload in ("Tensor", "Scalar"):
+        LOWERINGS[getattr(getattr(aten, _name), _overload)] = _binary(_operator)
+
+
+# ---------------------------------------------------------------------------------------------
+# Source generation.
+
+_RESERVED = {"pid", "offsets", "mask", "n_elements", "BLOCK_SIZE", "tl", "triton"}
+_RESERVED_PATTERN = r"(size|i|rest|out)\d+|.*_ptr|.*_stride\d+"
+"""Kernel-local names a node's name must not take (it gets a trailing underscore instead)."""
+
+
+def _output_nodes(gm: GraphModule) -> tuple[list[Node], bool]:
+    """The region's output nodes, and whether the module returns them as one tensor (not a tuple)."""
+    result = gm.graph.output_node().args[0]
+    single = isinstance(result, Node)
+    outputs = [result] if single else list(result)
+    if not all(isinstance(out, Node) for out in outputs):
+        raise NotLowerable("the region returns something other than tensors")
+    return outputs, single
+
+
+def _generate(gm: GraphModule) -> str:
+    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+    outputs, _ = _output_nodes(gm)
+    names: dict[Node, str] = {}
+    for node in gm.graph.nodes:
+        if node.op not in ("placeholder", "call_function", "output"):
+            raise NotLowerable(f"{node.op} node {node.name}")
+        names[node] = node.name + "_" if node.name in _RESERVED or re.fullmatch(_RESERVED_PATTERN, node.name) else node.name
+
+    dims = range(MAX_RANK)
+    params = [f"{names[p]}_ptr" for p in placeholders] + [f"out{k}_ptr" for k in range(len(outputs))]
+    params += [f"size{d}" for d in dims[1:]]
+    params += [f"{names[p]}_stride{d}" for p in placeholders for d in dims]
+    params += ["n_elements", "BLOCK_SIZE: tl.constexpr"]
+    lines = ["@triton.jit", "def fused_pointwise_kernel(", *[f"    {param}," for param in params], "):"]
+    lines += [
+        "    pid = tl.program_id(axis=0).to(tl.int64)  # 64-bit offsets: the output may exceed 2**31 elements",
+        "    offsets = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)",
+        "    mask = offsets < n_elements",
+        f"    # Coordinates of each output element, row-major over the {MAX_RANK}-D output.",
+    ]
+    inner = "offsets"
+    for d in reversed(dims[1:]):
+        lines.append(f"    i{d} = {inner} % size{d}")
+        lines.append(f"    rest{d} = {inner} // size{d}")
+        inner = f"rest{d}"
+    lines.append(f"    i0 = {inner}")
+    lines.append("    # Each input read through its own strides (0 along broadcast dimensions), computed in fp32.")
+    for p in placeholders:
+        index = " + ".join(f"i{d} * {names[p]}_stride{d}" for d in dims)
+        lines.append(f"    {names[p]} = tl.load({names[p]}_ptr + {index}, mask=mask, other=0).to(tl.float32)")
+
+    lines.append("    # The region's ops, one per line.")
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        rule = LOWERINGS.get(node.target)
+        if rule is None:
+            raise NotLowerable(f"no Triton lowering for {node.target}")
+        args = {key: names[value] if isinstance(value, Node) else value for key, value in normalized_args(node).items()}
+        if any(isinstance(value, (list, tuple)) and any(isinstance(v, Node) for v in value) for value in args.values()):
+            raise NotLowerable(f"{node.target} takes a list of tensors")
+        lines.append(f"    {names[node]} = {rule(args)}")
+
+    lines.append("    # Contiguous outputs, in their own dtype.")
+    for k, out in enumerate(outputs):
+        lines.append(f"    tl.store(out{k}_ptr + offsets, {names[out]}.to(out{k}_ptr.dtype.element_ty), mask=mask)")
+    return "\n".join(lines) + "\n"
+
+
+def region_source(gm: GraphModule) -> str:
+    """The ``@triton.jit`` kernel computing the region, as Python source (raises :class:`NotLowerable`)."""
+    return _generate(gm)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compilation and launch.
+
+_KERNELS: dict[str, Any] = {}
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _load_kernel(source: str) -> Any:
+    """The kernel defined by ``source``, from a file (``triton.jit`` reads its function's source file)."""
+    interpreted = _interpreted()
+    launch_config = f"interpreted BLOCK_SIZE={BLOCK_SIZE}" if interpreted else f"autotune {GPU_CONFIGS}"
+    key = hashlib.sha256(f"{source}\n{launch_config}".encode()).hexdigest()[:24]
+    if key not in _KERNELS:
+        directory = Path(tempfile.gettempdir()) / "graphopt_triton_codegen"
+        directory.mkdir(exist_ok=True)
+        path = directory / f"kernel_{key}.py"
+        staging = path.with_suffix(f".{os.getpid()}.tmp")
+        staging.write_text(f"import triton\nimport triton.language as tl\n\n\n{source}")
+        os.replace(staging, path)  # atomic: concurrent processes never import a half-written file
+        spec = importlib.util.spec_from_file_location(f"graphopt_triton_kernel_{key}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        kernel = module.fused_pointwise_kernel
+        if not interpreted:
+            configs = [triton.Config({"BLOCK_SIZE": block}, num_warps=warps) for block, warps in GPU_CONFIGS]
+            kernel = triton.autotune(configs=configs, key=["n_elements"])(kernel)
+        _KERNELS[key] = kernel
+    return _KERNELS[key]
+
+
+def _collapse(shape: list[int], strides: list[list[int]]) -> tuple[list[int], list[list[int]]]:
+    """Drop size-1 dimensions and merge neighbours every operand walks as one (``stride[d] == stride[d+1] * size[d+1]``)."""
+    kept = [d for d, size in enumerate(shape) if size != 1]
+    sizes, merged = [shape[d] for d in kept], [[s[d] for d in kept] for s in strides]
+    d = len(sizes) - 2
+    while d >= 0:
+        if all(s[d] == s[d + 1] * sizes[d + 1] for s in merged):
+            sizes[d : d + 2] = [sizes[d] * sizes[d + 1]]
+            for s in merged:
+                s[d : d + 2] = [s[d + 1]]
+        d -= 1
+    return sizes, merged
+
+
+def compile_region(gm: GraphModule) -> Callable[..., Any]:
+    """A function computing ``gm(*inputs)`` with one launch of the generated Triton kernel.
+
+    The source is generated (and :class:`NotLowerable` raised) here, once; shapes, strides and
+    dtypes are read from the inputs at every call. It returns a tensor or a tuple, like ``gm``.
+    """
+    kernel = _load_kernel(region_source(gm))
+    outputs, single = _output_nodes(gm)
+    placeholder_count = sum(1 for node in gm.graph.nodes if node.op == "placeholder")
+
+    def launch(*inputs: torch.Tensor) -> Any:
+        if len(inputs) != placeholder_count or not all(isinstance(t, torch.Tensor) for t in inputs):
+            raise TypeError(f"the region takes {placeholder_count} tensors")
+        # ATen's own shape and dtype rules, run on meta tensors: no data is touched.
+        metas = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta") for t in inputs]
+        out_metas = gm(*metas)
+        out_metas = [out_metas] if single else list(out_metas)
+        shape = torch.broadcast_shapes(*(t.shape for t in inputs), *(m.shape for m in out_metas))
+        if any(m.shape != shape for m in out_metas):
+            raise NotLowerable(f"outputs {[tuple(m.shape) for m in out_metas]} do not all have the broadcast shape {tuple(shape)}")
+        results = [torch.empty(shape, dtype=m.dtype, device=inputs[0].device) for m in out_metas]
+        n_elements = math.prod(shape)
+        if n_elements:
+            in_strides = [list(t.expand(shape).stride()) for t in inputs]
+            out_strides = list(results[0].stride())
+            sizes, strides = _collapse(list(shape), [*in_strides, out_strides])
+            if len(sizes) > MAX_RANK:
+                raise NotLowerable(f"the output {tuple(shape)} does not collapse to {MAX_RANK} dimensions")
+            pad = MAX_RANK - len(sizes)
+            sizes = [1] * pad + sizes
+            flat_strides = [stride for s in strides[: len(inputs)] for stride in [0] * pad + s]
+            grid = lambda meta: (triton.cdiv(n_elements, meta["BLOCK_SIZE"]),)  # noqa: E731
+            options = {"BLOCK_SIZE": BLOCK_SIZE, "num_warps": 4} if _interpreted() else {}
+            kernel[grid](*inputs, *results, *sizes[1:], *flat_strides, n_elements, **options)
+        return results[0] if single else tuple(results)
+
+    return launch
