@@ -65,3 +65,6 @@ def inductor(gm, example_inputs: Any = (), example_kwargs: Any = None, **options
     import torch
 
     return torch.compile(gm, backend="inductor", **options)
+
+
+from graphopt.backends import triton_backend  # noqa: E402,F401  (registers "triton")

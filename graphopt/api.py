@@ -44,6 +44,7 @@ def optimize(
     example_kwargs: dict | None = None,
     dynamic_shapes: Any = None,
     backend: str = "eager",
+    backend_options: dict | None = None,
     verify: bool = True,
     strict: bool = False,
     log: Callable[[str], None] | None = None,
@@ -58,7 +59,9 @@ def optimize(
         example_inputs: positional inputs (a tuple, or one tensor) used to capture and to verify.
         example_kwargs: keyword inputs, if the model takes any.
         dynamic_shapes: ``torch.export`` dynamic-shapes spec (e.g. batch and sequence dynamic).
-        backend: ``"eager"`` (run the rewritten graph) or ``"inductor"`` (compile it).
+        backend: ``"eager"`` (run the rewritten graph), ``"inductor"`` (compile it) or ``"triton"``
+            (generated Triton kernels for the pointwise regions; CUDA, or the Triton interpreter).
+        backend_options: keyword options for the backend (e.g. ``{"interpret": True}`` for triton).
         verify: check every pass numerically (and the backend against the graph).
         strict: raise on a failing pass instead of rolling it back.
         log: receives progress messages.
@@ -79,7 +82,7 @@ def optimize(
     gm, report = manager.run(gm, args, kwargs, report)
     if log and backend != "eager":
         log(f"compiling with the {backend} backend")
-    runner = make_runner(gm, args, kwargs)
+    runner = make_runner(gm, args, kwargs, **(backend_options or {}))
     if verify and runner is not gm:
         if log:
             log(f"checking the {backend} backend against the optimized graph")
