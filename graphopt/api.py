@@ -32,6 +32,11 @@ class OptimizedModule(torch.nn.Module):
         self.backend = backend
         self._runner = runner
 
+    @property
+    def kernels(self) -> dict[str, str]:
+        """Generated kernel sources by name (backends that generate code, e.g. ``triton``)."""
+        return dict(getattr(self._runner, "kernels", {}))
+
     def forward(self, *args, **kwargs):
         return self._runner(*args, **kwargs)
 

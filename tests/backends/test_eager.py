@@ -26,6 +26,7 @@ def test_eager_backend_leaves_graphs_without_graphopt_ops_alone(tiny_mlp):
     model, args = tiny_mlp
     opt = graphopt.optimize(model, [], args)
     assert opt._runner is opt.graph_module
+    assert opt.kernels == {}, "the eager backend generates no code"
 
 
 def test_direct_path_falls_back_to_the_op_when_autograd_records():

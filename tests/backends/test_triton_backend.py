@@ -60,7 +60,7 @@ for name, (model, inputs, passes) in cases.items():
         error = (optimized(*inputs) - model(*inputs)).abs().max().item()
     summary[name] = {
         "error": error,
-        "kernels": runner.kernels,
+        "kernels": optimized.kernels,
         "left_to_aten": runner.left_to_aten,
         "kernel_modules": sorted(n for n, m in runner.named_children() if isinstance(m, TritonKernel)),
         "backend_check": optimized.report.final["triton vs graph"],
