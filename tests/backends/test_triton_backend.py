@@ -7,8 +7,6 @@ The kernels run in the Triton interpreter, which must be chosen before ``triton`
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -70,13 +68,10 @@ json.dump(summary, open(sys.argv[1], "w"))
 
 
 @pytest.fixture(scope="module")
-def interpreted(tmp_path_factory):
+def interpreted(python_interpreted, tmp_path_factory):
     """What each model did under ``backend="triton"``, in the Triton interpreter."""
-    pytest.importorskip("triton")
     out = tmp_path_factory.mktemp("triton_backend") / "summary.json"
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", _RUN_MODELS, str(out)], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    python_interpreted(_RUN_MODELS, str(out))
     return json.loads(out.read_text())
 
 

@@ -7,9 +7,6 @@ A region is described by a *program* (``{"inputs": n, "steps": [(op, args, kwarg
 fp64 rounded to the output's dtype.
 """
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -71,16 +68,14 @@ torch.save(outputs, sys.argv[3])
 
 
 @pytest.fixture(scope="module")
-def run_regions(tmp_path_factory):
+def run_regions(python_interpreted, tmp_path_factory):
     """``run({name: (program, inputs)}) -> {name: [outputs]}`` in one interpreted subprocess."""
     tmp = tmp_path_factory.mktemp("triton_codegen")
 
     def run(cases):
         inputs, outputs = tmp / "inputs.pt", tmp / "outputs.pt"
         torch.save(cases, inputs)
-        env = {**os.environ, "TRITON_INTERPRET": "1"}
-        done = subprocess.run([sys.executable, "-c", _RUN_REGIONS, __file__, str(inputs), str(outputs)], env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
+        python_interpreted(_RUN_REGIONS, __file__, str(inputs), str(outputs))
         return torch.load(outputs)
 
     return run
