@@ -36,9 +36,10 @@ import torch
 import triton
 from torch.fx import GraphModule, Node
 
+from graphopt.backends.triton_region import KernelRegion, NotLowerable
 from graphopt.ir import aten, normalized_args
 
-__all__ = ["LOWERINGS", "MAX_RANK", "NotLowerable", "compile_region", "region_source"]
+__all__ = ["LOWERINGS", "MAX_RANK", "NotLowerable", "compile_region", "interpreted", "load_kernel", "lower_node", "region_source"]
 
 MAX_RANK = 4
 """Dimensions the kernel indexes, after size-1 dimensions are dropped and contiguous ones merged."""
@@ -48,10 +49,6 @@ BLOCK_SIZE = 1024
 
 GPU_CONFIGS = ((256, 2), (512, 4), (1024, 4), (2048, 8))
 """(BLOCK_SIZE, num_warps) pairs the autotuner times on a GPU, keyed by the element count."""
-
-
-class NotLowerable(Exception):
-    """The region holds something the generator has no rule for; the backend leaves it to ATen."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,6 +182,18 @@ for _name, _operator in {"lt": "<", "gt": ">", "le": "<=", "ge": ">=", "eq": "==
         LOWERINGS[getattr(getattr(aten, _name), _overload)] = _binary(_operator)
 
 
+def lower_node(node: Node, names: dict[Node, str]) -> str:
+    """The Triton expression computing pointwise ``node`` from its arguments, which are named by
+    ``names`` (a Triton variable per node: a value loaded or computed in fp32) or are numbers."""
+    rule = LOWERINGS.get(node.target)
+    if rule is None:
+        raise NotLowerable(f"no Triton lowering for {node.target}")
+    args = {key: names[value] if isinstance(value, Node) else value for key, value in normalized_args(node).items()}
+    if any(isinstance(value, (list, tuple)) and any(isinstance(v, Node) for v in value) for value in args.values()):
+        raise NotLowerable(f"{node.target} takes a list of tensors")
+    return rule(args)
+
+
 # ---------------------------------------------------------------------------------------------
 # Source generation.
 
@@ -193,19 +202,11 @@ _RESERVED_PATTERN = r"(size|i|rest|out)\d+|.*_ptr|.*_stride\d+"
 """Kernel-local names a node's name must not take (it gets a trailing underscore instead)."""
 
 
-def _output_nodes(gm: GraphModule) -> tuple[list[Node], bool]:
-    """The region's output nodes, and whether the module returns them as one tensor (not a tuple)."""
-    result = gm.graph.output_node().args[0]
-    single = isinstance(result, Node)
-    outputs = [result] if single else list(result)
-    if not all(isinstance(out, Node) for out in outputs):
-        raise NotLowerable("the region returns something other than tensors")
-    return outputs, single
-
-
 def _generate(gm: GraphModule) -> str:
+    """The kernel of a :attr:`KernelRegion.kernel_graph`: its placeholders are the operands, all
+    of the output's shape (any strides), its output the tuple of values to store."""
     placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
-    outputs, _ = _output_nodes(gm)
+    outputs = list(gm.graph.output_node().args[0])
     names: dict[Node, str] = {}
     for node in gm.graph.nodes:
         if node.op not in ("placeholder", "call_function", "output"):
@@ -239,13 +240,7 @@ def _generate(gm: GraphModule) -> str:
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
-        rule = LOWERINGS.get(node.target)
-        if rule is None:
-            raise NotLowerable(f"no Triton lowering for {node.target}")
-        args = {key: names[value] if isinstance(value, Node) else value for key, value in normalized_args(node).items()}
-        if any(isinstance(value, (list, tuple)) and any(isinstance(v, Node) for v in value) for value in args.values()):
-            raise NotLowerable(f"{node.target} takes a list of tensors")
-        lines.append(f"    {names[node]} = {rule(args)}")
+        lines.append(f"    {names[node]} = {lower_node(node, names)}")
 
     lines.append("    # Contiguous outputs, in their own dtype.")
     for k, out in enumerate(outputs):
@@ -255,7 +250,7 @@ def _generate(gm: GraphModule) -> str:
 
 def region_source(gm: GraphModule) -> str:
     """The ``@triton.jit`` kernel computing the region, as Python source (raises :class:`NotLowerable`)."""
-    return _generate(gm)
+    return _generate(KernelRegion(gm).kernel_graph)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,14 +259,20 @@ def region_source(gm: GraphModule) -> str:
 _KERNELS: dict[str, Any] = {}
 
 
-def _interpreted() -> bool:
+def interpreted() -> bool:
+    """Whether Triton kernels run in the Triton interpreter (``TRITON_INTERPRET=1``) in this process."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _load_kernel(source: str) -> Any:
-    """The kernel defined by ``source``, from a file (``triton.jit`` reads its function's source file)."""
-    interpreted = _interpreted()
-    launch_config = f"interpreted BLOCK_SIZE={BLOCK_SIZE}" if interpreted else f"autotune {GPU_CONFIGS}"
+def load_kernel(source: str, name: str, gpu_configs: list[triton.Config], autotune_key: list[str]) -> Any:
+    """The ``@triton.jit`` function ``name`` defined by ``source``, cached by a hash of the source
+    and its launch configuration; on a GPU wrapped in ``triton.autotune(gpu_configs, autotune_key)``.
+
+    It is written to a file and imported, since ``triton.jit`` reads its function's source file.
+    Under the interpreter the caller passes fixed block sizes at launch instead of autotuning.
+    """
+    interpreting = interpreted()
+    launch_config = "interpreted" if interpreting else f"autotune {[str(c) for c in gpu_configs]} on {autotune_key}"
     key = hashlib.sha256(f"{source}\n{launch_config}".encode()).hexdigest()[:24]
     if key not in _KERNELS:
         directory = Path(tempfile.gettempdir()) / "graphopt_triton_codegen"
@@ -283,12 +284,16 @@ def _load_kernel(source: str) -> Any:
         spec = importlib.util.spec_from_file_location(f"graphopt_triton_kernel_{key}", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        kernel = module.fused_pointwise_kernel
-        if not interpreted:
-            configs = [triton.Config({"BLOCK_SIZE": block}, num_warps=warps) for block, warps in GPU_CONFIGS]
-            kernel = triton.autotune(configs=configs, key=["n_elements"])(kernel)
+        kernel = getattr(module, name)
+        if not interpreting:
+            kernel = triton.autotune(configs=gpu_configs, key=autotune_key)(kernel)
         _KERNELS[key] = kernel
     return _KERNELS[key]
+
+
+def _load_kernel(source: str) -> Any:
+    configs = [triton.Config({"BLOCK_SIZE": block}, num_warps=warps) for block, warps in GPU_CONFIGS]
+    return load_kernel(source, "fused_pointwise_kernel", configs, ["n_elements"])
 
 
 def _collapse(shape: list[int], strides: list[list[int]]) -> tuple[list[int], list[list[int]]]:
@@ -309,36 +314,34 @@ def compile_region(gm: GraphModule) -> Callable[..., Any]:
     """A function computing ``gm(*inputs)`` with one launch of the generated Triton kernel.
 
     The source is generated (and :class:`NotLowerable` raised) here, once; shapes, strides and
-    dtypes are read from the inputs at every call. It returns a tensor or a tuple, like ``gm``.
+    dtypes are read from the inputs at every call. The iteration space is the shape of the first
+    computed output; the other outputs must have as many elements. It returns a tensor or a
+    tuple, like ``gm``.
     """
-    kernel = _load_kernel(region_source(gm))
-    outputs, single = _output_nodes(gm)
-    placeholder_count = sum(1 for node in gm.graph.nodes if node.op == "placeholder")
+    region = KernelRegion(gm)
+    kernel = _load_kernel(_generate(region.kernel_graph))
+    computed = list(region.kernel_graph.graph.output_node().args[0])
 
-    def launch(*inputs: torch.Tensor) -> Any:
-        if len(inputs) != placeholder_count or not all(isinstance(t, torch.Tensor) for t in inputs):
-            raise TypeError(f"the region takes {placeholder_count} tensors")
-        # ATen's own shape and dtype rules, run on meta tensors: no data is touched.
-        metas = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta") for t in inputs]
-        out_metas = gm(*metas)
-        out_metas = [out_metas] if single else list(out_metas)
-        shape = torch.broadcast_shapes(*(t.shape for t in inputs), *(m.shape for m in out_metas))
-        if any(m.shape != shape for m in out_metas):
-            raise NotLowerable(f"outputs {[tuple(m.shape) for m in out_metas]} do not all have the broadcast shape {tuple(shape)}")
-        results = [torch.empty(shape, dtype=m.dtype, device=inputs[0].device) for m in out_metas]
+    def launch(*inputs: Any) -> Any:
+        values = region.bind(inputs)
+        shape = values[region.original[computed[0]]].shape
         n_elements = math.prod(shape)
+        for node in computed:
+            if values[region.original[node]].numel() != n_elements:
+                raise NotLowerable(f"the outputs {node.name} and {computed[0].name} differ in size")
+        operands = [region.operand_tensor(values, operand, shape) for operand in region.operands]
+        device = next((t.device for t in operands), None) or next(t.device for t in inputs if isinstance(t, torch.Tensor))
+        results = [torch.empty(shape, dtype=values[region.original[node]].dtype, device=device) for node in computed]
         if n_elements:
-            in_strides = [list(t.expand(shape).stride()) for t in inputs]
-            out_strides = list(results[0].stride())
-            sizes, strides = _collapse(list(shape), [*in_strides, out_strides])
+            sizes, strides = _collapse(list(shape), [list(t.stride()) for t in operands] + [list(results[0].stride())])
             if len(sizes) > MAX_RANK:
                 raise NotLowerable(f"the output {tuple(shape)} does not collapse to {MAX_RANK} dimensions")
             pad = MAX_RANK - len(sizes)
             sizes = [1] * pad + sizes
-            flat_strides = [stride for s in strides[: len(inputs)] for stride in [0] * pad + s]
+            flat_strides = [stride for s in strides[: len(operands)] for stride in [0] * pad + s]
             grid = lambda meta: (triton.cdiv(n_elements, meta["BLOCK_SIZE"]),)  # noqa: E731
-            options = {"BLOCK_SIZE": BLOCK_SIZE, "num_warps": 4} if _interpreted() else {}
-            kernel[grid](*inputs, *results, *sizes[1:], *flat_strides, n_elements, **options)
-        return results[0] if single else tuple(results)
+            options = {"BLOCK_SIZE": BLOCK_SIZE, "num_warps": 4} if interpreted() else {}
+            kernel[grid](*operands, *results, *sizes[1:], *flat_strides, n_elements, **options)
+        return region.results(values, results)
 
     return launch

@@ -7,7 +7,6 @@ A region is described by a *program* (``{"inputs": n, "steps": [(op, args, kwarg
 fp64 rounded to the output's dtype.
 """
 
-
 import pytest
 import torch
 from hypothesis import Phase, given, settings
@@ -202,6 +201,23 @@ def _rule_cases():
         "outputs": [7, 6],
     }
     cases["chain-two-outputs-5d"] = (chain, [torch.randn(2, 3, 4, 5, 6), torch.randn(3, 1, 1, 1).bfloat16(), torch.randn(4, 5, 6).half()])
+    # Views: reshapes of computed values are identities on the flat index; views of inputs run in
+    # torch before the launch (no copy); a value smaller than the output is broadcast by recomputing.
+    between = {"inputs": 2, "steps": [("add.Tensor", ("%0", "%1"), {}), ("view.default", ("%2", [6, 4]), {}), ("relu.default", ("%3",), {})], "outputs": [4, 3]}
+    cases["reshape-between-ops"] = (between, [torch.randn(2, 3, 4), torch.randn(4)])
+    input_views = {
+        "inputs": 2,
+        "steps": [
+            ("permute.default", ("%0", [1, 0]), {}),
+            ("unsqueeze.default", ("%1", -1), {}),
+            ("mul.Tensor", ("%2", "%3"), {}),
+            ("exp.default", ("%4",), {}),
+        ],
+        "outputs": [5],
+    }
+    cases["views-of-inputs"] = (input_views, [torch.randn(4, 6).half(), torch.randn(6)])
+    later = {"inputs": 2, "steps": [("mul.Scalar", ("%0", 2.0), {}), ("add.Tensor", ("%2", "%1"), {})], "outputs": [3]}
+    cases["small-value-broadcast-later"] = (later, [torch.randn(5), torch.randn(3, 5)])
     cases["input-passed-through"] = ({"inputs": 2, "steps": [("exp.default", ("%0",), {})], "outputs": [2, 0]}, [torch.randn(3, 4), torch.randn(4)])
     return cases
 
@@ -292,7 +308,7 @@ def test_source_is_one_kernel_with_one_line_per_op_and_no_baked_shapes():
     assert source.count("@triton.jit") == 1 and source.count("tl.store(") == 2 and source.count("tl.load(") == 3
     for node in (node for node in gm.graph.nodes if node.op == "call_function"):
         assert sum(line.strip().startswith(f"{node.name} = ") for line in source.splitlines()) == 1
-    assert "size3," in source and "x1_stride0," in source and "1024" not in source
+    assert "size3," in source and "operand1_stride0," in source and "1024" not in source
     assert count_ops(gm)["aten.gelu.default"] == 1
 
 
@@ -316,6 +332,17 @@ def test_kernels_are_cached_by_source():
 )
 def test_unknown_ops_are_not_lowerable(program, message):
     with pytest.raises(NotLowerable, match=message):
+        region_source(build(program))
+
+
+def test_views_stay_out_of_the_kernel():
+    source = region_source(build(CASES["views-of-inputs"][0]))
+    assert "permute" not in source and "unsqueeze" not in source and source.count("tl.load(") == 2
+
+
+def test_a_permute_of_a_computed_value_is_not_lowerable():
+    program = {"inputs": 1, "steps": [("exp.default", ("%0",), {}), ("permute.default", ("%1", [1, 0]), {}), ("relu.default", ("%2",), {})], "outputs": [3]}
+    with pytest.raises(NotLowerable, match="aten.permute.default of a computed value"):
         region_source(build(program))
 
 
