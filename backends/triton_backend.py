@@ -1,17 +1,23 @@
-"""The ``triton`` backend: the optimized graph with its pointwise regions run as generated kernels.
+"""The ``triton`` backend: the optimized graph run as generated Triton kernels plus library calls.
 
 The method is a fusing compiler's back end (as in inductor or XLA): the graph is cut into fusion
 regions by :mod:`graphopt.backends.partition` (each region one ``call_module`` submodule
-``fused_<i>``), and each ``pointwise`` region is lowered by :mod:`graphopt.backends.triton_codegen`
-to ONE Triton kernel, which replaces the region's submodule. Everything else keeps running as ATen
-ops, op by op:
+``fused_<i>``), and each region is lowered by the template for its kind to ONE Triton kernel,
+which replaces the region's submodule:
 
-* pointwise regions the generator cannot lower (a view inside, an op with no lowering rule, an
-  output rank it cannot index) stay their ATen submodule, with the reason recorded;
-* ``reduction``, ``norm`` and ``matmul_epilogue`` regions stay ATen for now: the reduction, norm,
-  matmul-epilogue and attention templates are future work of issue 4.
+* ``pointwise``: :mod:`~graphopt.backends.triton_codegen` composes one lowering rule per op;
+* ``reduction`` / ``norm``: :mod:`~graphopt.backends.triton_rowwise`, a row kernel with the
+  region's prologue and epilogue around the reduction;
+* ``matmul_epilogue``: :mod:`~graphopt.backends.triton_matmul`, a tiled ``tl.dot`` GEMM with the
+  pointwise epilogue applied to the accumulator tile;
+* every ``scaled_dot_product_attention`` call becomes an ``attention_<k>`` region run by
+  :mod:`~graphopt.backends.triton_attention` (FlashAttention-style online softmax).
 
-So a model never fails for an op the backend does not know; it only runs it unfused. The returned
+Views inside a region stay out of its kernel (:mod:`~graphopt.backends.triton_region`). Whatever
+a template cannot lower (an op with no rule, a view with no flat-index form, a shape a launcher
+cannot index) keeps running as its ATen submodule, with the reason recorded, and ops in no region
+(embeddings, lone matmuls, which the library GEMM serves well, opaque ops) stay ATen calls. So a
+model never fails for an op the backend does not know; it only runs it unfused. The returned
 runner is the fused ``GraphModule`` with two attributes: ``kernels`` (region name -> generated
 kernel source) and ``left_to_aten`` (region name -> why it runs as ATen ops).
 
@@ -31,24 +37,25 @@ from torch.fx import GraphModule
 
 from graphopt.backends import register_backend
 from graphopt.backends.partition import fuse_regions
-from graphopt.backends.triton_codegen import NotLowerable, compile_region, region_source
+from graphopt.backends.triton_codegen import NotLowerable
 from graphopt.manager import run_graph
 
 __all__ = ["TritonKernel", "triton"]
 
 NO_CUDA = (
     "backend 'triton' needs a CUDA device; on this machine use backend='eager' or backend='inductor' "
-    "(or interpret=True to run the generated kernels in the Triton interpreter)"
+    "(or set TRITON_INTERPRET=1 before importing graphopt to run the generated kernels in the Triton interpreter)"
 )
 
 
 class TritonKernel(torch.nn.Module):
     """One fused region run by its generated kernel, or by its ATen ``region`` for inputs the
     launcher cannot index (it raises :class:`NotLowerable` before launching); ``fallback_reason``
-    keeps the last such reason."""
+    keeps the last such reason. ``kind`` is the region's kind, ``source`` the kernel's source."""
 
-    def __init__(self, launcher: Callable[..., Any], source: str, region: GraphModule):
+    def __init__(self, launcher: Callable[..., Any], source: str, region: GraphModule, kind: str = "pointwise"):
         super().__init__()
+        self.kind = kind
         self.launcher = launcher
         self.source = source
         self.region = region
@@ -69,35 +76,84 @@ def _interpreting(interpret: bool | None) -> bool:
     return in_environment if interpret is None else interpret
 
 
+def _templates() -> dict[str, tuple[Callable, Callable]]:
+    """Region kind -> (source generator, compiler) of the template that lowers it."""
+    from graphopt.backends import triton_attention, triton_codegen, triton_matmul, triton_rowwise
+
+    rowwise = (triton_rowwise.row_region_source, triton_rowwise.compile_row_region)
+    return {
+        "pointwise": (triton_codegen.region_source, triton_codegen.compile_region),
+        "reduction": rowwise,
+        "norm": rowwise,
+        "matmul_epilogue": (triton_matmul.matmul_region_source, triton_matmul.compile_matmul_region),
+        "attention": (triton_attention.attention_region_source, triton_attention.compile_attention_region),
+    }
+
+
+KINDS = ("pointwise", "reduction", "norm", "matmul_epilogue", "attention")
+"""What the backend lowers: the partitioner's region kinds, and ``attention`` for each
+``scaled_dot_product_attention`` call (a fused attention kernel of its own)."""
+
+
+def _attention_regions(runner: GraphModule) -> None:
+    """Turn each attention call of ``runner`` into a ``call_module`` of an ``attention_<k>`` region."""
+    from graphopt.backends.triton_attention import attention_inputs, attention_region
+
+    for k, node in enumerate(list(runner.graph.find_nodes(op="call_function", target=torch.ops.aten.scaled_dot_product_attention.default))):
+        name = f"attention_{k}"
+        region = attention_region(node)
+        runner.add_submodule(name, region)
+        with runner.graph.inserting_before(node):
+            call = runner.graph.call_module(name, tuple(attention_inputs(node)))
+        call.meta = dict(node.meta)
+        call.meta["region_kind"] = "attention"
+        node.replace_all_uses_with(call)
+        runner.graph.erase_node(node)
+    runner.recompile()
+
+
 @register_backend("triton")
-def triton(gm: GraphModule, example_inputs: Any = (), example_kwargs: Any = None, interpret: bool | None = None) -> GraphModule:
-    """Run ``gm`` with its pointwise regions as generated Triton kernels (see the module docstring).
+def triton(
+    gm: GraphModule,
+    example_inputs: Any = (),
+    example_kwargs: Any = None,
+    interpret: bool | None = None,
+    kinds: tuple[str, ...] = KINDS,
+) -> GraphModule:
+    """Run ``gm`` with its fused regions as generated Triton kernels (see the module docstring).
 
     ``interpret``: run the kernels in the Triton interpreter (default: whether ``TRITON_INTERPRET=1``).
+    ``kinds``: the region kinds to lower (default: all of :data:`KINDS`); the others stay ATen.
     Raises ``RuntimeError`` when there is neither a CUDA device nor the interpreter.
     """
     if not _interpreting(interpret) and not torch.cuda.is_available():
         raise RuntimeError(NO_CUDA)
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown:
+        raise ValueError(f"unknown region kind(s) {', '.join(unknown)}; the triton backend lowers {', '.join(KINDS)}")
     runner = fuse_regions(gm)
+    if "attention" in kinds:
+        _attention_regions(runner)
+    templates = _templates()
     kernels: dict[str, str] = {}
     left_to_aten: dict[str, str] = {}
     for node in runner.graph.nodes:
         if node.op != "call_module" or "region_kind" not in node.meta:
             continue
         name, kind = node.target, node.meta["region_kind"]
-        if kind != "pointwise":
-            left_to_aten[name] = f"{kind} region: only pointwise regions have a Triton template so far"
+        if kind not in kinds:
+            left_to_aten[name] = f"{kind} region: not among the kinds asked for"
             continue
         region = runner.get_submodule(name)
+        generate, compile_ = templates[kind]
         try:
-            source = region_source(region)
-            launcher = compile_region(region)
+            source = generate(region)
+            launcher = compile_(region)
         except NotLowerable as exc:
             left_to_aten[name] = str(exc)
             continue
-        runner.add_submodule(name, TritonKernel(launcher, source, region))
+        runner.add_submodule(name, TritonKernel(launcher, source, region, kind))
         kernels[name] = source
-
     # A trial run on the example inputs finds the kernels whose launcher refuses those shapes.
     if kernels:
         run_graph(runner, example_inputs, example_kwargs)

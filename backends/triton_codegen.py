@@ -175,6 +175,8 @@ LOWERINGS: dict[Any, Callable[[dict[str, Any]], str]] = {
     aten.clamp_max.default: lambda a: _clamp({"self": a["self"], "max": a["max"]}),
     aten._to_copy.default: _cast,
     aten.to.dtype: _cast,
+    aten.to.dtype_layout: _cast,  # the partitioner keeps device moves out of regions
+    aten.to.device: _cast,
     aten.dropout.default: _dropout,
 }
 for _name, _operator in {"lt": "<", "gt": ">", "le": "<=", "ge": ">=", "eq": "==", "ne": "!="}.items():

@@ -79,6 +79,10 @@ GPU_GROUP_M = 8
 INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}
 """Fixed launch under the interpreter: the smallest blocks ``tl.dot`` takes; two tile rows per group."""
 
+INTERPRETER_LARGE_BLOCK = 64
+"""Under the interpreter, a dimension over this size gets blocks of this size: the interpreter's
+cost is per block operation, so a model's 384-wide linears run 16x fewer of them."""
+
 DOT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 _RESERVED = {"pid", "tiles_m", "tiles_n", "batch", "tile", "group", "first_tile_m", "group_size_m", "tile_m", "tile_n"}
@@ -290,7 +294,7 @@ def compile_matmul_region(region: GraphModule) -> Callable[..., Any]:
         outs = [torch.empty((batch, m, n), dtype=values[region_nodes[node.name]].dtype, device=a.device) for node in kernel_outputs]
         if batch * m * n:
             grid = lambda meta: (batch * triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-            options = {**INTERPRETER_BLOCKS, "num_warps": 4} if interpreted() else {}
+            options = _interpreter_blocks(m, n, k) if interpreted() else {}
             precision = "ieee" if interpreted() or torch.get_float32_matmul_precision() == "highest" else "tf32"
             strides = [s for t in tiles for s in t.stride()]
             dot_in_fp32 = interpreted() or a.dtype == torch.float32
@@ -298,3 +302,9 @@ def compile_matmul_region(region: GraphModule) -> Callable[..., Any]:
         return kernel_region.results(values, outs)
 
     return launch
+
+
+def _interpreter_blocks(m: int, n: int, k: int) -> dict[str, int]:
+    sizes = {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}
+    large = {name: INTERPRETER_LARGE_BLOCK for name, size in sizes.items() if size > INTERPRETER_LARGE_BLOCK}
+    return {**INTERPRETER_BLOCKS, **large, "num_warps": 4}

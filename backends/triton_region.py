@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from torch.fx import Graph, GraphModule, Node
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.node import map_arg
 
 from graphopt.backends.partition import op_kind
@@ -88,6 +89,7 @@ class KernelRegion:
     def __init__(self, region: GraphModule):
         self.region = region
         self.has_reshapes = False
+        self._fakes: dict[tuple, dict[Node, Any]] = {}
         computed: dict[Node, Node] = {}  # region node -> the region node holding its elements
         for node in region.graph.nodes:
             if node.op in ("placeholder", "output"):
@@ -149,19 +151,30 @@ class KernelRegion:
 
     def bind(self, inputs: Sequence[Any]) -> dict[Node, Any]:
         """Every region value for these inputs: the inputs themselves and the views of them as real
-        tensors (torch computes those without copying), every other value as a meta tensor (its
-        shape and dtype, from ATen's own rules, touching no data)."""
+        tensors (torch computes those without copying), every computed value as a fake tensor (its
+        shape, strides, dtype and device, from ATen's own rules, touching no data). The fake values
+        are cached per input signature, so a call with known shapes costs only the input views."""
         placeholders = self.region.graph.find_nodes(op="placeholder")
         if len(inputs) != len(placeholders):
             raise TypeError(f"the region takes {len(placeholders)} inputs, got {len(inputs)}")
         values: dict[Node, Any] = dict(zip(placeholders, inputs))
         for node in self.region.graph.nodes:
-            if node.op != "call_function":
-                continue
-            on_inputs = node not in self._computed
-            args, kwargs = map_arg((node.args, node.kwargs), lambda n, real=on_inputs: values[n] if real else _meta(values[n]))
-            values[node] = node.target(*args, **kwargs)
+            if node.op == "call_function" and node not in self._computed:
+                values[node] = node.target(*map_arg(node.args, values.__getitem__), **map_arg(node.kwargs, values.__getitem__))
+        signature = tuple((t.shape, t.stride(), t.dtype, t.device) if isinstance(t, torch.Tensor) else t for t in inputs)
+        if signature not in self._fakes:
+            self._fakes[signature] = self._fake_values(inputs)
+        values.update(self._fakes[signature])
         return values
+
+    def _fake_values(self, inputs: Sequence[Any]) -> dict[Node, Any]:
+        placeholders = self.region.graph.find_nodes(op="placeholder")
+        with FakeTensorMode() as mode:
+            fakes = {p: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for p, t in zip(placeholders, inputs)}
+            for node in self.region.graph.nodes:
+                if node.op == "call_function":
+                    fakes[node] = node.target(*map_arg(node.args, fakes.__getitem__), **map_arg(node.kwargs, fakes.__getitem__))
+        return {node: fake for node, fake in fakes.items() if node in self._computed}
 
     def operand_tensor(self, values: dict[Node, Any], operand: Operand, shape: Sequence[int]) -> torch.Tensor:
         """The operand as the kernel reads it over the iteration space ``shape``: broadcast to its
@@ -192,9 +205,3 @@ class KernelRegion:
 def _is_tensor(node: Node) -> bool:
     val = node.meta.get("val")
     return val is None or isinstance(val, torch.Tensor)
-
-
-def _meta(value: Any) -> Any:
-    if isinstance(value, torch.Tensor) and value.device.type != "meta":
-        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
-    return value

@@ -142,9 +142,11 @@ def _run_case(case: Case, rounds: int, warmup: int, log: Callable[[str], None]) 
         times: list[list[float]] = [[] for _ in built]
         for _ in range(rounds):
             for i, (_, b, _) in enumerate(built):
+                _synchronize()
                 t0 = time.perf_counter()
                 for batch in case.batches:
                     b.fn(*batch)
+                _synchronize()  # GPU kernels run asynchronously: time them to completion
                 times[i].append((time.perf_counter() - t0) * 1e3)
 
     medians = [statistics.median(t) for t in times]
@@ -153,6 +155,11 @@ def _run_case(case: Case, rounds: int, warmup: int, log: Callable[[str], None]) 
         rows.append(Row(case.name, cfg.name, med, med / medians[0], b.flops, b.param_bytes, rel, cos, build_s, b.notes))
         log(f"[{case.name}] {cfg.name}: {med:.2f} ms ({med / medians[0]:.2f}x), rel_err {rel:.1e}, cosine {cos:.6f}")
     return rows
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def environment() -> dict[str, Any]:
@@ -196,5 +203,7 @@ def write_results(rows: Sequence[Row], out_dir: str | Path, name: str, extra: di
     json_path, md_path = out / f"{name}.json", out / f"{name}.md"
     json_path.write_text(json.dumps(payload, indent=2))
     env_line = ", ".join(f"{k} {v}" for k, v in env.items() if v is not None)
-    md_path.write_text(f"# {name}\n\n{env_line}\n\nLatency is the median over rounds of running every batch once; ratios are against the first configuration of each case.\n\n{markdown_table(rows)}\n")
+    md_path.write_text(
+        f"# {name}\n\n{env_line}\n\nLatency is the median over rounds of running every batch once; ratios are against the first configuration of each case.\n\n{markdown_table(rows)}\n"
+    )
     return json_path, md_path

@@ -11,6 +11,11 @@ Commands::
 MODEL is ``zoo:NAME`` (see ``graphopt models``) or ``path/to/file.py:factory``, where
 ``factory()`` returns ``(model, example_inputs)`` or ``(model, example_inputs, dynamic_shapes)``.
 
+``--backend triton`` runs the pointwise/row/matmul/attention regions as generated Triton kernels;
+it needs CUDA, or ``TRITON_INTERPRET=1`` in the environment to run them in the Triton interpreter on
+the CPU (slow: tiny models only). ``dump`` then also writes ``kernels/``: one file per kernel with
+the ATen region it computes, and an index.
+
 Errors are one line on stderr, ``graphopt: error: ...``, exit status 2 for a wrong argument
 (unknown pass or model, missing file or factory, malformed option) and 1 for a failure while
 working (the factory raised, capture failed, a pass failed under ``--strict``). ``--debug`` shows
@@ -41,7 +46,7 @@ from tabulate import tabulate
 
 import graphopt
 from graphopt import zoo
-from graphopt.backends import available_backends
+from graphopt.backends import available_backends, get_backend
 from graphopt.capture import one_line
 from graphopt.dump import dump
 from graphopt.manager import run_graph
@@ -101,7 +106,7 @@ class Workload:
 def load_model(spec: str, log: Callable[[str], None]) -> Workload:
     """Build the model a ``MODEL`` argument names: ``zoo:NAME`` or ``path/to/file.py:factory``."""
     if spec.startswith("zoo:"):
-        entry = zoo.load(spec[len("zoo:"):])
+        entry = zoo.load(spec[len("zoo:") :])
         log(f"loaded {spec}: {entry.description}")
         return Workload(spec, entry.model, tuple(entry.example_inputs), entry.dynamic_shapes)
     path_text, sep, factory_name = spec.rpartition(":")
@@ -190,6 +195,21 @@ def build_pipeline(passes: str | None, options: list[str]) -> list:
     return pipeline
 
 
+def check_backend_runs_here(name: str) -> None:
+    """Fail before the slow part when backend ``name`` cannot run on this machine.
+
+    A backend checks that when it is made (``triton`` raises ``RuntimeError`` without CUDA or the
+    interpreter), but it is made after capture and the passes, and ``dump`` would have filled its
+    folder by then; making one for an empty graph finds out at once.
+    """
+    graph = torch.fx.Graph()
+    graph.output(())
+    try:
+        get_backend(name)(torch.fx.GraphModule(torch.nn.Module(), graph), (), {})
+    except RuntimeError as e:
+        raise CommandError(str(e).strip().splitlines()[0]) from e
+
+
 # ----------------------------------------------------------------------------- commands
 
 
@@ -221,17 +241,29 @@ def _prepare_out_dir(text: str) -> Path:
 
 
 def cmd_dump(args) -> int:
-    out = _prepare_out_dir(args.out)
     pipeline = build_pipeline(args.passes, args.option)
+    check_backend_runs_here(args.backend)
+    out = _prepare_out_dir(args.out)
     workload = load_model(args.model, args.log)
     result = dump(
-        workload.model, pipeline, workload.example_inputs, out, dynamic_shapes=workload.dynamic_shapes,
-        backend=args.backend, verify=not args.no_verify, strict=args.strict, log=args.log, name=workload.name,
+        workload.model,
+        pipeline,
+        workload.example_inputs,
+        out,
+        dynamic_shapes=workload.dynamic_shapes,
+        backend=args.backend,
+        verify=not args.no_verify,
+        strict=args.strict,
+        log=args.log,
+        name=workload.name,
         onnx=not args.no_onnx,
     )
     print(result.module.report)
     for file_name, status in result.onnx.items():
         print(f"{file_name}: {status}")
+    kernels = [f for f in result.files if f.startswith("kernels/") and f.endswith(".py")]
+    if "kernels/README.md" in result.files:
+        print(f"{len(kernels)} generated kernels in {out}/kernels/ (index: kernels/README.md)")
     print(f"wrote {len(result.files)} files to {out}/ (start with report.md)")
     return 0
 
@@ -241,10 +273,18 @@ def cmd_optimize(args) -> int:
     if save is not None and not save.parent.is_dir():
         raise UsageError(f"--save {args.save}: directory {save.parent} does not exist")
     pipeline = build_pipeline(args.passes, args.option)
+    check_backend_runs_here(args.backend)
     workload = load_model(args.model, args.log)
     module = graphopt.optimize(
-        workload.model, pipeline, workload.example_inputs, dynamic_shapes=workload.dynamic_shapes,
-        backend=args.backend, verify=not args.no_verify, strict=args.strict, log=args.log, name=workload.name,
+        workload.model,
+        pipeline,
+        workload.example_inputs,
+        dynamic_shapes=workload.dynamic_shapes,
+        backend=args.backend,
+        verify=not args.no_verify,
+        strict=args.strict,
+        log=args.log,
+        name=workload.name,
     )
     print(module.report)
     if save is not None:
@@ -268,11 +308,19 @@ def _save_and_check(module, workload: Workload, path: Path, log: Callable[[str],
 
 def cmd_demo(args) -> int:
     pipeline = build_pipeline(args.passes, args.option)
+    check_backend_runs_here(args.backend)
     entry = zoo.load("minilm")  # the zoo's default form of MiniLM, whatever attention it uses
     args.log(f"loaded zoo:minilm: {entry.description}")
     optimized = graphopt.optimize(
-        entry.model, pipeline, entry.example_inputs, dynamic_shapes=entry.dynamic_shapes,
-        backend=args.backend, verify=not args.no_verify, strict=args.strict, log=args.log, name="zoo:minilm",
+        entry.model,
+        pipeline,
+        entry.example_inputs,
+        dynamic_shapes=entry.dynamic_shapes,
+        backend=args.backend,
+        verify=not args.no_verify,
+        strict=args.strict,
+        log=args.log,
+        name="zoo:minilm",
     )
     print(optimized.report)
 
@@ -327,7 +375,12 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline = argparse.ArgumentParser(add_help=False)
     pipeline.add_argument("--passes", metavar="A,B", help="comma-separated pass names (default: every exact pass)")
     pipeline.add_argument("--option", metavar="PASS.KEY=VALUE", action="append", default=[], help="a pass constructor option (repeatable)")
-    pipeline.add_argument("--backend", choices=available_backends(), default="eager", help="what runs the optimized graph (default: eager)")
+    pipeline.add_argument(
+        "--backend",
+        choices=available_backends(),
+        default="eager",
+        help="what runs the optimized graph (default: eager; triton needs CUDA, or TRITON_INTERPRET=1 to run its kernels in the interpreter)",
+    )
     pipeline.add_argument("--no-verify", action="store_true", help="do not check each pass numerically")
     pipeline.add_argument("--strict", action="store_true", help="fail on a pass that fails instead of rolling it back")
 
@@ -342,25 +395,36 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("models", parents=[common], help="list the zoo models")
     p.set_defaults(run=cmd_models)
 
-    p = commands.add_parser("dump", parents=[common, pipeline], epilog=_EPILOG, formatter_class=formatter,
-                            help="write what every pass did (text, diff, DOT, ONNX) into a folder",
-                            description="Writes into DIR: 00_captured.txt; per pass NN_<pass>/ with before.txt and either "
-                            "after.txt, diff.patch, before.dot, after.dot (erased nodes red, created green; .svg too when "
-                            "Graphviz is installed) or status.txt; model_before.onnx and model_after.onnx (or onnx_error.txt); "
-                            "report.md and report.json.")
+    p = commands.add_parser(
+        "dump",
+        parents=[common, pipeline],
+        epilog=_EPILOG,
+        formatter_class=formatter,
+        help="write what every pass did (text, diff, DOT, ONNX) into a folder",
+        description="Writes into DIR: 00_captured.txt; per pass NN_<pass>/ with before.txt and either "
+        "after.txt, diff.patch, before.dot, after.dot (erased nodes red, created green; .svg too when "
+        "Graphviz is installed) or status.txt; model_before.onnx and model_after.onnx (or onnx_error.txt); "
+        "report.md and report.json; with --backend triton also kernels/: README.md (each fused region: kind, "
+        "ATen ops, its kernel file or why it stayed ATen) and <region>.py (the kernel, its ATen region as "
+        "aten_region, example_inputs()).",
+    )
     p.add_argument("model", metavar="MODEL", help=model_help)
     p.add_argument("--out", required=True, metavar="DIR", help="a new or empty directory")
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX exports of the graphs before and after")
     p.set_defaults(run=cmd_dump)
 
-    p = commands.add_parser("optimize", parents=[common, pipeline], epilog=_EPILOG, formatter_class=formatter,
-                            help="optimize a model and print the report")
+    p = commands.add_parser("optimize", parents=[common, pipeline], epilog=_EPILOG, formatter_class=formatter, help="optimize a model and print the report")
     p.add_argument("model", metavar="MODEL", help=model_help)
     p.add_argument("--save", metavar="FILE.pt2", help="write a torch.export archive of the result and check it loads")
     p.set_defaults(run=cmd_optimize)
 
-    p = commands.add_parser("demo", parents=[common, pipeline], epilog=_EPILOG, formatter_class=formatter,
-                            help="the real MiniLM: optimize, then fidelity and latency on 64 real sentences")
+    p = commands.add_parser(
+        "demo",
+        parents=[common, pipeline],
+        epilog=_EPILOG,
+        formatter_class=formatter,
+        help="the real MiniLM: optimize, then fidelity and latency on 64 real sentences",
+    )
     p.add_argument("--batch", type=_positive_int, default=8, help="sentences per batch (default: 8)")
     p.add_argument("--repeats", type=_positive_int, default=5, help="timed rounds over the batches (default: 5)")
     p.set_defaults(run=cmd_demo)
@@ -414,4 +478,3 @@ def main(argv: list[str] | None = None) -> int:
         return status
     sys.stderr.write(library_output.getvalue())  # after a success, nothing libraries said is lost
     return status
-

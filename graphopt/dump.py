@@ -16,6 +16,9 @@
       model_after.onnx           ONNX export of the final graph
       onnx_error.txt             instead of a .onnx file that could not be exported: the reason
       report.md, report.json     the pipeline report and the list of files
+      kernels/                   backends that generate code (``triton``), see :func:`write_kernels`:
+        README.md                one row per fused region: kind, ATen ops, kernel file or why ATen runs it
+        <region>.py              the generated kernel with the ATen region it computes
 
 Nodes are matched across a pass by name. That is sound because the pass manager runs each pass on
 a deep copy of the graph, which keeps every node's name, and a ``torch.fx`` graph never hands out a
@@ -37,6 +40,7 @@ import contextlib
 import difflib
 import json
 import logging
+import re
 import shutil
 import subprocess
 import warnings
@@ -46,12 +50,14 @@ from typing import Any, Callable, Iterable, Mapping
 
 import pydot
 import torch
+from tabulate import tabulate
 from torch.fx import GraphModule, Node
-from torch.fx.graph import dtype_abbrs
+from torch.fx.graph import _custom_builtins, dtype_abbrs
 
 from graphopt.api import OptimizedModule, optimize
 from graphopt.capture import _normalize_args, one_line
-from graphopt.ir import get_tensor, op_name
+from graphopt.ir import count_ops, get_tensor, op_name
+from graphopt.manager import run_graph
 from graphopt.pass_base import Pass
 from graphopt.report import APPLIED, PassRecord
 
@@ -63,6 +69,7 @@ __all__ = [
     "GraphChange",
     "OnnxExportError",
     "PassDumper",
+    "TensorSpec",
     "compare_graphs",
     "describe_value",
     "dump",
@@ -71,6 +78,7 @@ __all__ = [
     "graph_text",
     "graph_to_dot",
     "render_svg",
+    "write_kernels",
 ]
 
 CREATED_COLOR = "palegreen"
@@ -291,6 +299,156 @@ def export_onnx(gm: GraphModule, example_inputs: Any, path: Path, example_kwargs
     raise OnnxExportError("; ".join(reasons))
 
 
+# ----------------------------------------------------------------------------- generated kernels
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """The dtype, shape and strides of a tensor a region was called with (a kernel file's ``INPUTS``)."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> TensorSpec:
+        return cls(tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()))
+
+    def make(self, device: str | torch.device = "cpu", generator: torch.Generator | None = None) -> torch.Tensor:
+        """A random tensor with exactly this layout: the same strides, so that a permuted or
+        broadcast (stride 0) input reaches the kernel as it did in the model."""
+        storage = 1 + sum((size - 1) * stride for size, stride in zip(self.shape, self.stride)) if all(self.shape) else 0
+        if self.dtype.is_floating_point:
+            flat = torch.randn(storage, generator=generator).to(self.dtype)
+        elif self.dtype == torch.bool:
+            flat = torch.rand(storage, generator=generator) < 0.5
+        else:  # small positive integers: valid as divisors, counts and indices into small dims
+            flat = torch.randint(1, 8, (storage,), generator=generator).to(self.dtype)
+        return flat.to(device).as_strided(self.shape, self.stride)
+
+
+def example_inputs(specs: Iterable[Any], device: str | torch.device | None = None, seed: int = 0) -> list:
+    """Random inputs for a kernel file's ``INPUTS``: a tensor per :class:`TensorSpec`, other values as
+    they are (sizes a region takes as ints). ``device`` defaults to CUDA when there is one."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    generator = torch.Generator().manual_seed(seed)
+    return [spec.make(device, generator) if isinstance(spec, TensorSpec) else spec for spec in specs]
+
+
+def _spec_text(value: Any) -> str:
+    if isinstance(value, TensorSpec):
+        return f"{dtype_abbrs.get(value.dtype, str(value.dtype))}{list(value.shape)} strides {value.stride}"
+    return repr(value)
+
+
+def _region_nodes(runner: GraphModule) -> list[Node]:
+    """The runner's ``call_module`` nodes that are regions: lowered to a kernel or left to ATen."""
+    regions = set(getattr(runner, "kernels", {})) | set(getattr(runner, "left_to_aten", {}))
+    return [n for n in runner.graph.nodes if n.op == "call_module" and n.target in regions]
+
+
+def _region_inputs(runner: GraphModule, example_inputs: Any, example_kwargs: dict | None) -> dict[str, list]:
+    """What each region was called with on the example inputs (one run of the runner)."""
+    seen: dict[str, list] = {}
+
+    def record(name: str):
+        def hook(module, args):
+            seen.setdefault(name, [TensorSpec.of(a) if isinstance(a, torch.Tensor) else a for a in args])
+
+        return hook
+
+    handles = [runner.get_submodule(n.target).register_forward_pre_hook(record(n.target)) for n in _region_nodes(runner)]
+    try:
+        run_graph(runner, _normalize_args(example_inputs), example_kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def _short_ops(region: GraphModule) -> str:
+    """``sigmoid, mul x2, add``: the region's ops by name (``aten.`` and overload dropped), in graph order."""
+    counts = count_ops(region)
+    short = {name: name.removeprefix("aten.").rsplit(".", 1)[0] for name in counts}
+    return ", ".join(short[n] + (f" x{counts[n]}" if counts[n] > 1 else "") for n in counts)
+
+
+def _aten_function(region: GraphModule) -> str:
+    """The region's ATen code as a plain function ``aten_region(...)``, after the imports it needs."""
+    code = region.graph.python_code(root_module="self")
+    src = code.src.strip("\n")
+    head = "def forward(self, "
+    if not src.startswith(head):
+        raise ValueError(f"a region graph with no inputs or unexpected code: {src.splitlines()[0]!r}")
+    # fx frees each value after its last use (`;  x = y = None`): noise in code meant for reading
+    lines = [re.sub(r";  (\w+ = )+None$", "", line).rstrip() for line in src[len(head) :].splitlines()]
+    body = "def aten_region(" + "\n".join(lines).rstrip()
+    used = [name for name in code.globals if name in _custom_builtins and name != "torch" and re.search(rf"\b{name}\b", body)]
+    return "\n".join([_custom_builtins[name].import_str for name in used] + ([""] if used else []) + [body])
+
+
+def _kernel_file(name: str, kind: str, model: str, source: str, region: GraphModule, inputs: list | None) -> str:
+    """A kernel file: docstring (region, ops, inputs), the kernel, ``aten_region``, ``example_inputs``."""
+    kernel = re.search(r"def (\w+)\(", source)
+    seen = "; ".join(_spec_text(v) for v in inputs) if inputs is not None else "not recorded"
+    doc = [
+        f"Triton kernel for the {kind} region {name} of {model or 'the model'}, generated by graphopt's triton backend.",
+        "",
+        f"ATen ops fused: {_short_ops(region)}",
+        f"Inputs when the dump ran the model: {seen}",
+        "",
+        f"`{kernel.group(1) if kernel else 'the kernel'}` is the kernel as generated; `aten_region` is the ATen code it computes",
+        "(the reference it must reproduce); `example_inputs()` gives random inputs with the dtypes, shapes and",
+        "strides in INPUTS. The region, one ATen node per line:",
+        "",
+        *("    " + line for line in graph_text(region, name).splitlines()),
+    ]
+    docstring = '"""' + "\n".join(doc).replace("\\", "\\\\").replace('"""', "'''") + '\n"""'
+    listed = "".join(f"    {value!r},\n" for value in inputs or ())
+    inputs_text = f"[\n{listed}]" if inputs is not None else "None  # the dump did not see this region run"
+    imports = "import torch\nimport triton\nimport triton.language as tl\n\nfrom graphopt.dump import TensorSpec\nfrom graphopt.dump import example_inputs as _example_inputs"
+    definitions = [
+        source.strip("\n"),
+        _aten_function(region),
+        'def example_inputs(device=None, seed=0):\n    """Random tensors laid out like INPUTS (on CUDA when there is one)."""\n    return _example_inputs(INPUTS, device, seed)',
+    ]
+    return f"{docstring}\n\n{imports}\n\nINPUTS = {inputs_text}\n\n\n" + "\n\n\n".join(definitions) + "\n"
+
+
+def write_kernels(runner: GraphModule, out_dir: Path | str, example_inputs: Any, example_kwargs: dict | None = None, model: str = "") -> list[list[str]]:
+    """Write ``out_dir/<region>.py`` for each generated kernel and ``out_dir/README.md``, the index.
+
+    ``runner`` is what a code-generating backend returned: a ``GraphModule`` with ``kernels``
+    (region name -> kernel source; the region's submodule keeps its ATen graph as ``.region``) and
+    ``left_to_aten`` (region name -> why ATen runs it). It is run once on the example inputs to
+    record the dtypes, shapes and strides each region receives. Returns the index rows.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    kernels, left_to_aten = getattr(runner, "kernels", {}), getattr(runner, "left_to_aten", {})
+    inputs = _region_inputs(runner, example_inputs, example_kwargs)
+    rows = []
+    for node in _region_nodes(runner):
+        name, module = node.target, runner.get_submodule(node.target)
+        kind = node.meta.get("region_kind") or name.rsplit("_", 1)[0]
+        region = getattr(module, "region", module)
+        if name in kernels:
+            (out / f"{name}.py").write_text(_kernel_file(name, kind, model, kernels[name], region, inputs.get(name)))
+            runs = f"Triton: [{name}.py]({name}.py)"
+        else:
+            runs = f"ATen: {left_to_aten[name]}"
+        rows.append([name, kind, _short_ops(region), runs])
+    table = tabulate(rows, headers=["region", "kind", "ATen ops", "runs as"], tablefmt="github") if rows else "(no fused regions)"
+    (out / "README.md").write_text(
+        f"# Generated kernels of {model or 'the model'}\n\n"
+        f"{len(kernels)} of {len(rows)} fused regions run as generated Triton kernels{'; the others as ATen ops' if len(kernels) < len(rows) else ''}.\n"
+        "Each `<region>.py` holds the kernel, the ATen code of its region (`aten_region`, the reference) and\n"
+        "`example_inputs()` (random inputs laid out as the model passed them): import it under\n"
+        "`TRITON_INTERPRET=1` on a CPU.\n\n" + table + "\n"
+    )
+    return rows
+
+
 # ----------------------------------------------------------------------------- the dump
 
 
@@ -357,6 +515,7 @@ def dump(
     example_kwargs: dict | None = None,
     dynamic_shapes: Any = None,
     backend: str = "eager",
+    backend_options: dict | None = None,
     verify: bool = True,
     strict: bool = False,
     log: Callable[[str], None] | None = None,
@@ -367,7 +526,8 @@ def dump(
     """Optimize ``model`` with ``passes`` and write what each pass did into ``out_dir`` (layout: module docstring).
 
     The arguments are those of :func:`graphopt.optimize`, plus ``onnx`` (export the graphs before
-    and after the pipeline) and ``svg`` (render pictures when Graphviz is installed). An ONNX export
+    and after the pipeline) and ``svg`` (render pictures when Graphviz is installed). A backend that
+    generates kernels (``triton``) also gets ``kernels/`` (:func:`write_kernels`). An ONNX export
     that fails never fails the dump: the reason goes to ``onnx_error.txt``. ``out_dir`` should be
     new or empty (the CLI insists): files already there would be listed as part of the dump.
     """
@@ -376,9 +536,24 @@ def dump(
     say = log or (lambda msg: None)
     dumper = PassDumper(out, svg=svg)
     module = optimize(
-        model, passes, example_inputs, example_kwargs=example_kwargs, dynamic_shapes=dynamic_shapes,
-        backend=backend, verify=verify, strict=strict, log=log, observers=[dumper], name=name,
+        model,
+        passes,
+        example_inputs,
+        example_kwargs=example_kwargs,
+        dynamic_shapes=dynamic_shapes,
+        backend=backend,
+        backend_options=backend_options,
+        verify=verify,
+        strict=strict,
+        log=log,
+        observers=[dumper],
+        name=name,
     )
+    runner = module._runner
+    kernel_rows = None
+    if hasattr(runner, "kernels"):
+        say("writing the generated kernels")
+        kernel_rows = write_kernels(runner, out / "kernels", example_inputs, example_kwargs, name)
     captured = dumper.captured if dumper.captured is not None else module.graph_module
     (out / "00_captured.txt").write_text(graph_text(captured, f"captured {name}".rstrip()))
     onnx_status: dict[str, str] = {}
@@ -396,12 +571,13 @@ def dump(
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name not in ("report.md", "report.json"))
     files += ["report.md", "report.json"]
     report = module.report
-    (out / "report.md").write_text(_markdown(report.to_markdown(), dumper, onnx_status, files))
-    (out / "report.json").write_text(json.dumps({**report.to_dict(), "onnx": onnx_status, "files": files}, indent=2, default=str))
+    (out / "report.md").write_text(_markdown(report.to_markdown(), dumper, onnx_status, files, kernel_rows))
+    kernels = {} if kernel_rows is None else {"kernels": [dict(zip(("region", "kind", "ops", "runs_as"), row)) for row in kernel_rows]}
+    (out / "report.json").write_text(json.dumps({**report.to_dict(), "onnx": onnx_status, **kernels, "files": files}, indent=2, default=str))
     return DumpResult(module=module, out_dir=out, files=files, onnx=onnx_status)
 
 
-def _markdown(report_md: str, dumper: PassDumper, onnx_status: Mapping[str, str], files: list[str]) -> str:
+def _markdown(report_md: str, dumper: PassDumper, onnx_status: Mapping[str, str], files: list[str], kernel_rows: list | None) -> str:
     lines = [report_md, "## Graph changes", ""]
     for folder, record, change in dumper.passes:
         what = change.summary() if change is not None else f"{record.status}" + (f": {record.reason}" if record.reason else "")
@@ -410,6 +586,9 @@ def _markdown(report_md: str, dumper: PassDumper, onnx_status: Mapping[str, str]
         lines.append("(no passes ran)")
     elif dumper.svg and any(change is not None for _, _, change in dumper.passes) and shutil.which("dot") is None:
         lines += ["", "Graphviz is not installed, so there are no .svg files: render one with `dot -Tsvg after.dot -o after.svg`."]
+    if kernel_rows is not None:
+        generated = sum(1 for row in kernel_rows if row[3].startswith("Triton"))
+        lines += ["", "## Kernels", "", f"{generated} of {len(kernel_rows)} fused regions run as generated kernels: see `kernels/README.md`."]
     if onnx_status:
         lines += ["", "## ONNX", ""] + [f"- `{f}`: {status}" for f, status in onnx_status.items()]
     lines += ["", "## Files", ""] + [f"- `{f}`" for f in files]

@@ -6,6 +6,7 @@ Usage::
 
     fast = torch.compile(model, backend="graphopt")  # found through the package's entry point
     fast = torch.compile(model, backend="graphopt", options={"passes": ["fold_batchnorm"], "backend": "inductor"})
+    fast = torch.compile(model, backend="graphopt", options={"backend": "triton"})  # CUDA, or TRITON_INTERPRET=1
     with torch.no_grad():
         y = fast(x)
 
@@ -19,9 +20,11 @@ Usage::
 
 Options (the ``options`` dict, or the keywords of :func:`compile_backend`): ``passes`` (default:
 ``canonicalize`` and ``fold_batchnorm``, those of them that are registered), ``backend``
-(``"eager"`` or ``"inductor"``, see :mod:`graphopt.backends`; inductor is called through
-``compile_fx`` here, as the registry's lazy ``torch.compile`` would not compile inside dynamo's
-compiled code), ``verify``, ``strict``, ``log``.
+(``"eager"``, ``"inductor"`` or ``"triton"``, see :mod:`graphopt.backends`; inductor is called
+through ``compile_fx`` here, as the registry's lazy ``torch.compile`` would not compile inside
+dynamo's compiled code), ``backend_options`` (keywords for the registry backend, e.g.
+``{"interpret": True}`` for triton; not for inductor), ``verify``, ``strict``, ``log``. A backend
+that generates kernels (triton) puts their count in the graph's report (``final["kernels"]``).
 
 What happens to one graph. Dynamo hands over a torch-level ``GraphModule`` whose inputs include the
 model's parameters and buffers (``inline_inbuilt_nn_modules``). Those are frozen: held as attributes
@@ -75,7 +78,7 @@ __all__ = ["DEFAULT_PASSES", "GraphoptBackend", "compile_backend", "graphopt_bac
 _log = logging.getLogger(__name__)
 
 DEFAULT_PASSES = ("canonicalize", "fold_batchnorm")
-_OPTION_NAMES = ("passes", "backend", "verify", "strict", "log")
+_OPTION_NAMES = ("passes", "backend", "backend_options", "verify", "strict", "log")
 
 
 def graphopt_backend(gm: GraphModule, example_inputs: Sequence[Any], options: dict | None = None) -> Callable:
@@ -90,6 +93,7 @@ def graphopt_backend(gm: GraphModule, example_inputs: Sequence[Any], options: di
 def compile_backend(
     passes: Iterable[str | Pass | type[Pass]] | None = None,
     backend: str = "eager",
+    backend_options: dict | None = None,
     verify: bool = True,
     strict: bool = False,
     log: Callable[[str], None] | None = None,
@@ -98,7 +102,10 @@ def compile_backend(
 
     Args:
         passes: pass names, classes or instances; None for the registered :data:`DEFAULT_PASSES`.
-        backend: the graphopt backend that runs the optimized graph (``"eager"``, ``"inductor"``).
+        backend: the graphopt backend that runs the optimized graph (``"eager"``, ``"inductor"``,
+            ``"triton"``).
+        backend_options: keyword options for that backend (e.g. ``{"interpret": True}`` for
+            triton); inductor, called as ``compile_fx`` inside dynamo, takes none.
         verify: check the capture, every pass and the backend on the real example inputs.
         strict: raise when a pass fails or a graph cannot be optimized because something failed,
             instead of rolling back / running dynamo's graph.
@@ -107,7 +114,7 @@ def compile_backend(
     Returns:
         A :class:`GraphoptBackend`; its ``reports`` list gets one report per compiled graph.
     """
-    return GraphoptBackend(passes, backend=backend, verify=verify, strict=strict, log=log)
+    return GraphoptBackend(passes, backend=backend, backend_options=backend_options, verify=verify, strict=strict, log=log)
 
 
 class _CannotOptimize(Exception):
@@ -127,14 +134,18 @@ class GraphoptBackend:
         passes: Iterable[str | Pass | type[Pass]] | None = None,
         *,
         backend: str = "eager",
+        backend_options: dict | None = None,
         verify: bool = True,
         strict: bool = False,
         log: Callable[[str], None] | None = None,
     ):
         from graphopt.backends import get_backend
 
+        if backend == "inductor" and backend_options:
+            raise ValueError("backend_options are not supported for inductor inside torch.compile (it is called as compile_fx)")
         self.passes = list(passes) if passes is not None else [p for p in DEFAULT_PASSES if p in available_passes()]
         self.backend = backend
+        self.backend_options = dict(backend_options or {})
         self.verify = verify
         self.strict = strict
         self.log = log or (lambda msg: None)
@@ -209,16 +220,21 @@ class GraphoptBackend:
 
             runner = compile_fx(optimized, user_inputs)
         else:
-            runner = self._make_runner(optimized, tuple(user_inputs), {})
+            runner = self._make_runner(optimized, tuple(user_inputs), {}, **self.backend_options)
         if self.verify and runner is not optimized:
             check = compare(run_graph(runner, user_inputs), expected, Exact(1e-4))
             report.final[f"{self.backend} vs graph"] = str(check)
             if not check.ok:
                 raise RuntimeError(f"backend {self.backend!r} does not reproduce the optimized graph: {check}")
         report.final["backend"] = self.backend
+        kernels = ""
+        if hasattr(runner, "kernels"):
+            regions = len(runner.kernels) + len(getattr(runner, "left_to_aten", {}))
+            report.final["kernels"] = f"{len(runner.kernels)} of {regions} fused regions: {', '.join(runner.kernels) or 'none'}"
+            kernels = f" ({len(runner.kernels)} generated kernels)"
         self.log(
             f"graphopt: {report.model}: {len(user_inputs)} inputs, {len(split.frozen_tensors) + len(split.frozen_floats)} frozen constants"
-            f"{', dynamic' if any(split.dynamic_dims) else ''}; applied: {', '.join(report.applied) or 'nothing'}; backend {self.backend}"
+            f"{', dynamic' if any(split.dynamic_dims) else ''}; applied: {', '.join(report.applied) or 'nothing'}; backend {self.backend}{kernels}"
         )
         names = [n.name for n in gm.graph.find_nodes(op="placeholder")]
         return _CompiledGraph(runner, split, names, gm.forward, on_stale=lambda why: self._note_fallback(report, why))

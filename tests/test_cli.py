@@ -18,7 +18,7 @@ from graphopt.dump import CREATED_COLOR, ERASED_COLOR
 
 pytestmark = pytest.mark.filterwarnings("ignore:'setParseAction' deprecated")  # pydot's parser, reading DOT back
 
-FACTORIES = '''
+FACTORIES = """
 import torch
 
 
@@ -52,7 +52,13 @@ def broken():
 
 def data_dependent():
     return DataDependent(), (torch.randn(3),)
-'''
+
+
+def gated():
+    torch.manual_seed(0)
+    fc = torch.nn.Linear(16, 16)
+    return torch.nn.Sequential(torch.nn.SiLU(), fc, torch.nn.GELU()).eval(), (torch.randn(6, 16),)
+"""
 
 
 def graphopt_cli(*args, cwd=None):
@@ -182,17 +188,34 @@ ERRORS = [  # (arguments, exit status, what the one line says); {f} is the facto
     (["optimize", "convnet-bn"], 2, "MODEL must be zoo:NAME or path/to/file.py:factory, got 'convnet-bn'"),
     (["optimize", "{f}/bad_syntax.py:build"], 1, "cannot import {f}/bad_syntax.py: SyntaxError"),
     (["optimize", "zoo:convnet-bn", "--passes", "fold_batchnorm", "--option", "fold_batchnorm"], 2, "--option must look like PASS.KEY=VALUE"),
-    (["optimize", "zoo:convnet-bn", "--passes", "fold_batchnorm", "--option", "fold_batchnorm.level=2"], 2, "pass 'fold_batchnorm' does not accept options level"),
+    (
+        ["optimize", "zoo:convnet-bn", "--passes", "fold_batchnorm", "--option", "fold_batchnorm.level=2"],
+        2,
+        "pass 'fold_batchnorm' does not accept options level",
+    ),
     (["optimize", "{f}/models.py:broken"], 1, "{f}/models.py:broken() raised ValueError: weights not found"),
     (["optimize", "{f}/models.py:data_dependent", "--passes", "fold_batchnorm", "-q"], 1, "cannot capture DataDependent"),
     (["dump", "zoo:convnet-bn", "--out", "{f}/models.py"], 2, "--out {f}/models.py exists and is not a directory"),
 ]
 
 
-@pytest.mark.parametrize("args, status, message", ERRORS, ids=[
-    "unknown-pass", "unknown-model", "missing-file", "missing-factory", "bad-model-syntax", "file-syntax-error",
-    "bad-option-syntax", "unaccepted-option", "factory-raises", "capture-fails", "bad-out",
-])
+@pytest.mark.parametrize(
+    "args, status, message",
+    ERRORS,
+    ids=[
+        "unknown-pass",
+        "unknown-model",
+        "missing-file",
+        "missing-factory",
+        "bad-model-syntax",
+        "file-syntax-error",
+        "bad-option-syntax",
+        "unaccepted-option",
+        "factory-raises",
+        "capture-fails",
+        "bad-out",
+    ],
+)
 def test_errors_are_one_line_without_traceback(factories, args, status, message):
     result = graphopt_cli(*(a.format(f=factories) for a in args))
     assert result.returncode == status
@@ -227,3 +250,33 @@ def test_demo_reports_fidelity_and_latency_on_real_minilm():
     assert original > 0 and optimized > 0
     assert ratio == pytest.approx(original / optimized, rel=0.01)
     assert "median of 8 runs" in out  # 64 sentences in batches of 8, one timed round
+
+
+def test_dump_triton_backend_writes_kernels_under_the_interpreter(tmp_path, factories):
+    pytest.importorskip("triton")
+    out = tmp_path / "dump"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    args = ["dump", f"{factories}/models.py:gated", "--passes", "fold_batchnorm", "--backend", "triton", "--out", out, "--no-onnx", "-q"]
+    result = ok(subprocess.run([sys.executable, "-m", "graphopt", *map(str, args)], capture_output=True, text=True, timeout=300, env=env))
+    kernels = sorted(p.name for p in (out / "kernels").glob("*.py"))
+    assert kernels and f"{len(kernels)} generated kernels in {out}/kernels/ (index: kernels/README.md)" in result.stdout
+    index = (out / "kernels/README.md").read_text()
+    for name in kernels:
+        text = (out / "kernels" / name).read_text()
+        assert "@triton.jit" in text and "def aten_region(" in text and "INPUTS = [" in text
+        assert f"Triton: [{name}]({name})" in index
+    assert "silu" in index  # the pointwise SiLU region, whatever runs it
+
+
+def test_triton_backend_without_cuda_is_one_line_before_loading_the_model(tmp_path):
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("the triton backend can run here")
+    out = tmp_path / "dump"
+    for args in (["dump", "zoo:minilm", "--backend", "triton", "--out", out], ["optimize", "zoo:minilm", "--backend", "triton"]):
+        result = graphopt_cli(*args)
+        assert result.returncode == 1
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+        assert lines[0].startswith("graphopt: error: backend 'triton' needs a CUDA device")
+        assert "eager" in lines[0] and "inductor" in lines[0]
+        assert not out.exists()  # it failed before loading the model, so dump left no half-written folder

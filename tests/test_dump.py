@@ -1,7 +1,10 @@
 """graphopt.dump: graph text, diffs, created/erased detection, DOT highlighting, SVG and ONNX branches."""
 
 import json
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import onnx
 import pydot
@@ -214,3 +217,128 @@ def test_onnx_falls_back_to_torchscript_then_reports_both_failures(mlp, tmp_path
     ]
     assert result.onnx["model_after.onnx"].startswith("not exported: ")
     assert not list((tmp_path / "dump").glob("*.onnx"))
+
+
+# ----------------------------------------------------------------------------- kernels/ (code-generating backends)
+
+
+class Gated(torch.nn.Module):
+    """A pointwise region (x * sigmoid(x) + 1) before a linear: the partitioner makes it its own region."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        h = x * torch.sigmoid(x) + 1.0
+        return torch.nn.functional.gelu(self.fc(h)) + h
+
+
+class FakeKernel(torch.nn.Module):
+    """What the triton backend puts in place of a lowered region (``.source``, ``.region``), running the region."""
+
+    def __init__(self, source, region):
+        super().__init__()
+        self.source, self.region = source, region
+
+    def forward(self, *inputs):
+        return self.region(*inputs)
+
+
+FAKE_SOURCE = "@triton.jit\ndef fused_pointwise_kernel(x_ptr, out_ptr, n_elements, BLOCK_SIZE: tl.constexpr):\n    pass\n"
+
+
+def test_write_kernels_files_and_index_without_a_gpu(tmp_path):
+    from graphopt.backends.partition import fuse_regions
+
+    torch.manual_seed(0)
+    model, x = Gated().eval(), torch.randn(16, 4).t()  # a permuted input: INPUTS must keep its strides
+    runner = fuse_regions(graphopt.capture(model, (x,)))
+    kinds = {n.target: n.meta["region_kind"] for n in runner.graph.nodes if n.op == "call_module"}
+    assert kinds == {"fused_0": "pointwise", "fused_1": "matmul_epilogue"}
+    runner.add_submodule("fused_0", FakeKernel(FAKE_SOURCE, runner.get_submodule("fused_0")))
+    runner.kernels, runner.left_to_aten = {"fused_0": FAKE_SOURCE}, {"fused_1": "no matmul template here"}
+
+    rows = gdump.write_kernels(runner, tmp_path, (x,), model="gated")
+    assert rows == [
+        ["fused_0", "pointwise", "sigmoid, mul, add", "Triton: [fused_0.py](fused_0.py)"],
+        ["fused_1", "matmul_epilogue", "linear, gelu, add", "ATen: no matmul template here"],
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "fused_0.py"]
+    index = (tmp_path / "README.md").read_text()
+    assert "1 of 2 fused regions run as generated Triton kernels" in index
+    assert "| fused_1  | matmul_epilogue | linear, gelu, add | ATen: no matmul template here" in index
+
+    text = (tmp_path / "fused_0.py").read_text()
+    assert FAKE_SOURCE.strip() in text and "ATen ops fused: sigmoid, mul, add" in text
+    assert "Inputs when the dump ran the model: f32[4, 16] strides (1, 4)" in text
+    assert "    sigmoid: f32[4, 16] = aten.sigmoid.default(x)" in text  # the region's graph, in the docstring
+    assert "= None" not in text.split("def aten_region(")[1]
+
+    sys.path.insert(0, str(tmp_path))
+    try:
+        kernel_file = __import__("fused_0")
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("fused_0", None)
+    assert kernel_file.INPUTS == [gdump.TensorSpec(torch.float32, (4, 16), (1, 4))]
+    inputs = kernel_file.example_inputs(device="cpu")
+    assert inputs[0].stride() == (1, 4)
+    torch.testing.assert_close(kernel_file.aten_region(*inputs), runner.fused_0.region(*inputs), rtol=0, atol=0)
+
+
+def test_tensor_spec_makes_permuted_broadcast_and_integer_inputs():
+    generator = torch.Generator().manual_seed(0)
+    broadcast = gdump.TensorSpec(torch.float16, (3, 5), (0, 1)).make(generator=generator)
+    assert broadcast.stride() == (0, 1) and broadcast.dtype == torch.float16 and torch.equal(broadcast[0], broadcast[2])
+    assert broadcast.float().std() > 0
+    ints = gdump.TensorSpec(torch.int64, (2, 3, 4), (1, 8, 2)).make(generator=generator)
+    assert ints.stride() == (1, 8, 2) and ints.min() >= 1 and ints.max() < 8
+    assert gdump.example_inputs([gdump.TensorSpec(torch.bool, (0, 2), (2, 1)), 7], device="cpu")[1] == 7
+
+
+DUMP_INTERPRETED = r"""
+import importlib.util, json, re, sys, torch
+from graphopt import dump as gdump
+sys.path.insert(0, sys.argv[2])
+from test_dump import Gated
+
+torch.manual_seed(0)
+model = Gated().eval()
+result = gdump.dump(model, [], (torch.randn(6, 16),), sys.argv[1], backend="triton", onnx=False, name="gated")
+runner = result.module._runner
+checked = {}
+for name in runner.kernels:
+    spec = importlib.util.spec_from_file_location(name, f"{sys.argv[1]}/kernels/{name}.py")
+    kernel_file = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kernel_file)
+    inputs = kernel_file.example_inputs()
+    kernel = runner.get_submodule(name)
+    with torch.no_grad():
+        got, want = kernel(*inputs), kernel_file.aten_region(*inputs)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    jitted = re.search(r"@triton.jit\ndef (\w+)\(", open(kernel_file.__file__).read()).group(1)
+    checked[name] = {"fallback": kernel.fallback_reason, "module": type(kernel).__name__, "jit": type(getattr(kernel_file, jitted)).__name__}
+print(json.dumps({"kernels": sorted(runner.kernels), "checked": checked, "files": result.files}))
+"""
+
+
+def test_dump_with_the_triton_backend_under_the_interpreter(tmp_path):
+    """Each kernel file imports under the interpreter, and its ``aten_region`` on its ``example_inputs()``
+    gives what the backend's kernel computes on them."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", DUMP_INTERPRETED, str(tmp_path), str(Path(__file__).parent)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.splitlines()[-1])
+    assert "fused_0" in summary["kernels"]  # the pointwise prologue at least
+    assert set(summary["checked"]) == set(summary["kernels"])
+    for name, seen in summary["checked"].items():
+        assert seen == {"fallback": None, "module": "TritonKernel", "jit": "InterpretedFunction"}, name
+    assert {f"kernels/{name}.py" for name in summary["kernels"]} | {"kernels/README.md"} <= set(summary["files"])
+    index = (tmp_path / "kernels/README.md").read_text()
+    assert "| fused_0  | pointwise" in index and "Triton: [fused_0.py](fused_0.py)" in index
+    assert "## Kernels" in (tmp_path / "report.md").read_text()
+    assert json.loads((tmp_path / "report.json").read_text())["kernels"][0]["region"] == "fused_0"

@@ -2,7 +2,9 @@
 constants, outputs equal eager, and graphs the backend cannot freeze run dynamo's graph unchanged."""
 
 import copy
+import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -187,10 +189,77 @@ def test_options_route_passes_and_inductor():
 
 def test_unknown_option_and_unknown_pass_are_clear_errors():
     gm = torch.fx.symbolic_trace(MLP())
-    with pytest.raises(ValueError, match="'pases'.*valid options: passes, backend, verify, strict, log"):
+    with pytest.raises(ValueError, match="'pases'.*valid options: passes, backend, backend_options, verify, strict, log"):
         graphopt_backend(gm, [torch.randn(2, 8)], options={"pases": ["fold_batchnorm"]})
     with pytest.raises(graphopt.UnknownPassError, match="fold_batchnrom"):
         compile_backend(passes=["fold_batchnrom"])
+
+
+def test_backend_options_reach_the_registry_backend(monkeypatch):
+    import graphopt.backends
+
+    seen = []
+
+    def recording(gm, example_inputs, example_kwargs, **options):
+        seen.append((options, [tuple(x.shape) for x in example_inputs]))
+        return gm
+
+    monkeypatch.setitem(graphopt.backends._BACKENDS, "recording", recording)
+    model, x = _model(MLP), torch.randn(3, 8)
+    fast = torch.compile(model, backend="graphopt", options={"backend": "recording", "backend_options": {"level": 3}})
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), **TOL)
+    assert seen == [({"level": 3}, [(3, 8)])]
+    with pytest.raises(ValueError, match="backend_options are not supported for inductor"):
+        compile_backend(backend="inductor", backend_options={"mode": "max-autotune"})
+
+
+TRITON_UNDER_THE_INTERPRETER = """
+import json, torch
+from graphopt.backends import triton_backend
+
+class GatedResidual(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        h = x * torch.sigmoid(x) + 1.0  # a pointwise region of its own, ahead of the linear
+        return torch.nn.functional.gelu(self.fc(h)) + h
+
+launches = []  # (region, the reason the kernel fell back to ATen or None) per call of a TritonKernel
+forward = triton_backend.TritonKernel.forward
+
+def counted(self, *inputs):
+    out = forward(self, *inputs)
+    launches.append(self.fallback_reason)
+    return out
+
+triton_backend.TritonKernel.forward = counted
+torch.manual_seed(0)
+model = GatedResidual().eval()
+messages = []
+options = {"backend": "triton", "backend_options": {"interpret": True}, "strict": True, "log": messages.append}
+fast = torch.compile(model, backend="graphopt", options=options)
+with torch.no_grad():
+    fast(torch.randn(5, 16))  # compiles: the backend's trial run and verification call the kernels too
+    launches.clear()
+    x = torch.randn(5, 16)
+    torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-5)
+print(json.dumps({"launches": launches, "summary": [m for m in messages if m.startswith("graphopt: dynamo graph")]}))
+"""
+
+
+def test_triton_backend_runs_its_kernels_under_the_interpreter():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", TRITON_UNDER_THE_INTERPRETER], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.splitlines()[-1])
+    (summary,) = result["summary"]
+    generated = int(re.search(r"backend triton \((\d+) generated kernels\)", summary).group(1))
+    assert generated >= 1
+    assert result["launches"] == [None] * generated  # each kernel ran once for the call, none fell back
 
 
 def test_graph_breaks_each_subgraph_optimized_outputs_equal_eager():
@@ -293,7 +362,7 @@ def test_fake_example_inputs_fall_back_to_dynamo():
     model = _model(MLP)
     with torch.no_grad():
         torch.compile(model, backend=keep)(torch.randn(3, 8))
-    (gm, example_inputs), = seen
+    ((gm, example_inputs),) = seen
     mode = FakeTensorMode()
     fakes = [mode.from_tensor(t) for t in example_inputs]
     backend = compile_backend()

@@ -157,6 +157,8 @@ UNARY = {  # name: (op, extra args, kwargs, domain)
     "to_copy-int32": ("_to_copy.default", (), {"dtype": "torch.int32"}, "any"),
     "to_copy-bool": ("_to_copy.default", (), {"dtype": "torch.bool"}, "small_ints"),
     "to-dtype-fp16": ("to.dtype", ("torch.float16",), {}, "any"),
+    "to-dtype-layout-fp16": ("to.dtype_layout", (), {"dtype": "torch.float16"}, "any"),
+    "to-same-device-bf16": ("to.device", ("cpu", "torch.bfloat16"), {}, "any"),
     "dropout-eval": ("dropout.default", (0.5, False), {}, "any"),
 }
 BINARY = {
