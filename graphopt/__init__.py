@@ -8,6 +8,7 @@ See the README for the CLI (``graphopt``) and the ``torch.compile(backend="graph
 """
 
 from graphopt import ops  # noqa: F401  (registers the graphopt:: custom ops)
+from graphopt import varlen  # noqa: F401  (registers graphopt::pack_tokens, unpack_tokens, varlen_attention)
 from graphopt.api import OptimizedModule, load, optimize, save
 from graphopt.capture import CaptureError, capture
 from graphopt.manager import PassFailedError, PassManager, PassOrderError

@@ -123,8 +123,7 @@ def capture(
                 road = "torch.fx.symbolic_trace"
             except Exception as trace_error:  # noqa: BLE001
                 raise CaptureError(
-                    f"cannot capture {type(model).__name__}: torch.export failed ({reason}); "
-                    f"torch.fx.symbolic_trace failed ({one_line(trace_error)})"
+                    f"cannot capture {type(model).__name__}: torch.export failed ({reason}); torch.fx.symbolic_trace failed ({one_line(trace_error)})"
                 ) from trace_error
     _inline_mode_regions(gm)
     _strip_runtime_checks(gm)

@@ -113,7 +113,9 @@ class PassManager:
         self.log = log or (lambda msg: None)
         self.observers = list(observers)
 
-    def run(self, gm: GraphModule, example_inputs: Sequence[Any] = (), example_kwargs: dict | None = None, report: Report | None = None) -> tuple[GraphModule, Report]:
+    def run(
+        self, gm: GraphModule, example_inputs: Sequence[Any] = (), example_kwargs: dict | None = None, report: Report | None = None
+    ) -> tuple[GraphModule, Report]:
         """Run the pipeline on ``gm`` (left untouched); returns the new graph and the report."""
         report = report or Report()
         args, kwargs = tuple(example_inputs), dict(example_kwargs or {})

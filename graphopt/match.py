@@ -123,12 +123,7 @@ def is_value_identity(node: Node) -> bool:
     src, out = val_of(node.args[0]) if node.args else None, val_of(node)
     if not isinstance(src, torch.Tensor) or not isinstance(out, torch.Tensor):
         return False
-    return (
-        src.dtype == out.dtype
-        and src.device == out.device
-        and src.layout == out.layout
-        and same_shape(tuple(src.shape), tuple(out.shape))
-    )
+    return src.dtype == out.dtype and src.device == out.device and src.layout == out.layout and same_shape(tuple(src.shape), tuple(out.shape))
 
 
 def source_through_identities(node: Any) -> tuple[Any, list[Node]]:

@@ -172,12 +172,7 @@ def _float_tensor(node: Node) -> bool:
 
 
 def _two_tensor_add(node: Node) -> bool:
-    return (
-        is_op(node, aten.add.Tensor)
-        and len(node.args) >= 2
-        and all(isinstance(a, Node) and _float_tensor(a) for a in node.args[:2])
-        and _float_tensor(node)
-    )
+    return is_op(node, aten.add.Tensor) and len(node.args) >= 2 and all(isinstance(a, Node) and _float_tensor(a) for a in node.args[:2]) and _float_tensor(node)
 
 
 def _residual_skip(add: Node, index: dict[Node, int]) -> Node | None:

@@ -80,9 +80,7 @@ def affine_after(
     return new_weight.to(weight.dtype), new_bias.to(bias.dtype if bias is not None else weight.dtype)
 
 
-def affine_before(
-    weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor, shift: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def affine_before(weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight and bias of ``linear(x * scale + shift, W, b)`` as one linear: ``(W * scale, b + W @ shift)``.
 
     Args:

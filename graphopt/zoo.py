@@ -154,9 +154,7 @@ class ResNetBN(nn.Module):
 
     def __init__(self, channels: int = 16, seq_channels: int = 32, hidden: int = 64, num_classes: int = 10):
         super().__init__()
-        self.stem = nn.Sequential(
-            nn.Conv2d(3, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU()
-        )
+        self.stem = nn.Sequential(nn.Conv2d(3, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU())
         self.block1 = _ResidualBlock(channels)
         self.block2 = _ResidualBlock(channels)
         self.pool = nn.AvgPool2d(4)
@@ -342,8 +340,14 @@ def _build_gpt2_tiny(*, attn_implementation: str | None = None) -> ZooEntry:
     # bos/eos default to GPT-2's 50256, outside this vocabulary (transformers
     # warns about it); point them at the last id instead.
     config = GPT2Config(
-        n_layer=2, n_embd=128, n_head=4, n_positions=128, vocab_size=1000,
-        bos_token_id=999, eos_token_id=999, **_attn_kwargs(attn_implementation),
+        n_layer=2,
+        n_embd=128,
+        n_head=4,
+        n_positions=128,
+        vocab_size=1000,
+        bos_token_id=999,
+        eos_token_id=999,
+        **_attn_kwargs(attn_implementation),
     )
     model = GPT2LMHeadModel(config).eval()
     assert model.lm_head.weight is model.transformer.wte.weight, "gpt2-tiny LM head must be tied"
@@ -362,8 +366,13 @@ def _build_llama_tiny(*, attn_implementation: str | None = None) -> ZooEntry:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=1000, max_position_embeddings=128,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1000,
+        max_position_embeddings=128,
         **_attn_kwargs(attn_implementation),
     )
     model = LlamaForCausalLM(config).eval()
@@ -381,8 +390,12 @@ def _build_vit_s(*, image_size: int = 224, num_hidden_layers: int = 12, attn_imp
     from transformers import ViTConfig, ViTModel
 
     config = ViTConfig(
-        hidden_size=384, num_hidden_layers=num_hidden_layers, num_attention_heads=6,
-        intermediate_size=1536, image_size=image_size, patch_size=16,
+        hidden_size=384,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=6,
+        intermediate_size=1536,
+        image_size=image_size,
+        patch_size=16,
         **_attn_kwargs(attn_implementation),
     )
     model = ViTModel(config, add_pooling_layer=False).eval()
@@ -483,10 +496,7 @@ def load(name: str, *, seed: int = 0, **overrides) -> ZooEntry:
     accepted = list(inspect.signature(builder).parameters)
     unknown = sorted(set(overrides) - set(accepted))
     if unknown:
-        raise ZooError(
-            f"zoo model {name!r} does not accept override(s) {', '.join(unknown)}; "
-            f"accepted: {', '.join(accepted) or 'none'}"
-        )
+        raise ZooError(f"zoo model {name!r} does not accept override(s) {', '.join(unknown)}; accepted: {', '.join(accepted) or 'none'}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return builder(**overrides)
@@ -560,11 +570,7 @@ def _docstring_sentences() -> list[str]:
     for dotted in _DOCSTRING_SOURCES:
         doc = inspect.getdoc(_resolve(dotted)) or ""
         text = " ".join(doc.split("\n\n")[0].replace("``", "").split())
-        if (
-            _MIN_WORDS <= len(text.split()) <= _MAX_WORDS
-            and not _SIGNATURE_RE.search(text)
-            and text not in sentences
-        ):
+        if _MIN_WORDS <= len(text.split()) <= _MAX_WORDS and not _SIGNATURE_RE.search(text) and text not in sentences:
             sentences.append(text)
     return sentences
 

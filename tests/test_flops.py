@@ -12,8 +12,6 @@ from graphopt.flops import count_flops, node_flops, param_bytes, register_flop_r
 from tests_helpers import Fn
 
 
-
-
 def _flops(fn, *inputs, target):
     gm = capture(Fn(fn), inputs)
     (node,) = ir.op_nodes(gm, target)  # the op under test is really in the canonical IR

@@ -88,7 +88,10 @@ def test_cpu_kernels_match_references(dtype, shape, affine):
     """The registered CPU kernels (C for fp32, else the ATen formulation) and the ATen formulation itself."""
     x, w, b = _norm_inputs(shape, dtype, affine)
     expected, expected_crms = rms_norm_reference(x, w, b, 1e-6), crms_norm_reference(x, 1e-6)
-    for out, crms in [(torch.ops.graphopt.rms_norm(x, w, b, 1e-6), torch.ops.graphopt.crms_norm(x, 1e-6)), (ops.rms_norm_torch(x, w, b, 1e-6), ops.crms_norm_torch(x, 1e-6))]:
+    for out, crms in [
+        (torch.ops.graphopt.rms_norm(x, w, b, 1e-6), torch.ops.graphopt.crms_norm(x, 1e-6)),
+        (ops.rms_norm_torch(x, w, b, 1e-6), ops.crms_norm_torch(x, 1e-6)),
+    ]:
         assert out.dtype == dtype and out.shape == x.shape
         torch.testing.assert_close(out, expected)
         torch.testing.assert_close(crms, expected_crms)

@@ -195,9 +195,7 @@ def test_minilm_matches_sentence_transformers():
     from sentence_transformers import SentenceTransformer
 
     sentences = zoo.real_sentences(64)
-    reference = SentenceTransformer(str(zoo.minilm_dir()), device="cpu").encode(
-        sentences, normalize_embeddings=True, convert_to_tensor=True
-    )
+    reference = SentenceTransformer(str(zoo.minilm_dir()), device="cpu").encode(sentences, normalize_embeddings=True, convert_to_tensor=True)
     entry = _load("minilm")
     with torch.no_grad():
         ours = entry.model(*zoo.tokenize(entry.tokenizer, sentences))

@@ -21,8 +21,6 @@ SOFTMAXES = ("aten.softmax.int", "aten._softmax.default")
 B, H, L, D = 2, 3, 5, 8
 
 
-
-
 def _qkv(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     return tuple(torch.randn(B, H, L, D, generator=gen) for _ in range(3))
@@ -42,9 +40,7 @@ def _additive(seed: int) -> torch.Tensor:
 
 
 def _assert_attention(model, inputs, other_inputs, n=1, **kwargs):
-    opt = assert_applies(
-        "canonicalize", model, inputs, gone=SOFTMAXES, present=[SDPA], other_inputs=[other_inputs], strict=True, **kwargs
-    )
+    opt = assert_applies("canonicalize", model, inputs, gone=SOFTMAXES, present=[SDPA], other_inputs=[other_inputs], strict=True, **kwargs)
     assert count_ops(opt.graph_module)[SDPA] == n
     assert opt.report.record("canonicalize").stats["attention"] == n
     return opt
@@ -83,21 +79,11 @@ FORMS_NO_MASK = {
     "transpose_2_3": lambda q, k, v: _attend(q @ k.transpose(2, 3) * SCALE, v),
     "permute_last_two": lambda q, k, v: _attend(q @ k.permute(0, 1, 3, 2) * SCALE, v),
     "tensor_constant_scale": lambda q, k, v: _attend(q @ k.transpose(-2, -1) / torch.tensor(math.sqrt(D)), v),
-    "functional_softmax_eval_dropout": lambda q, k, v: F.dropout(
-        F.softmax(q @ k.transpose(-2, -1) * SCALE, dim=-1), p=0.1, training=False
-    ) @ v,
-    "noop_casts": lambda q, k, v: torch.softmax(
-        (q @ k.transpose(-2, -1) * SCALE).float(), -1, dtype=torch.float32
-    ).to(v.dtype) @ v,
-    "einsum": lambda q, k, v: torch.einsum(
-        "bhqk,bhkd->bhqd", torch.einsum("bhqd,bhkd->bhqk", q, k).mul(SCALE).softmax(-1), v
-    ),
-    "einsum_key_first": lambda q, k, v: torch.einsum(
-        "bhqk,bhkd->bhqd", (torch.einsum("bhkd,bhqd->bhqk", k, q) * SCALE).softmax(-1), v
-    ),
-    "einsum_ellipsis": lambda q, k, v: torch.einsum(
-        "...qk,...kd->...qd", (torch.einsum("...qd,...kd->...qk", q, k) * SCALE).softmax(-1), v
-    ),
+    "functional_softmax_eval_dropout": lambda q, k, v: F.dropout(F.softmax(q @ k.transpose(-2, -1) * SCALE, dim=-1), p=0.1, training=False) @ v,
+    "noop_casts": lambda q, k, v: torch.softmax((q @ k.transpose(-2, -1) * SCALE).float(), -1, dtype=torch.float32).to(v.dtype) @ v,
+    "einsum": lambda q, k, v: torch.einsum("bhqk,bhkd->bhqd", torch.einsum("bhqd,bhkd->bhqk", q, k).mul(SCALE).softmax(-1), v),
+    "einsum_key_first": lambda q, k, v: torch.einsum("bhqk,bhkd->bhqd", (torch.einsum("bhkd,bhqd->bhqk", k, q) * SCALE).softmax(-1), v),
+    "einsum_ellipsis": lambda q, k, v: torch.einsum("...qk,...kd->...qd", (torch.einsum("...qd,...kd->...qk", q, k) * SCALE).softmax(-1), v),
 }
 
 
@@ -133,9 +119,7 @@ FORMS_MASKED = {
         _blocked,
     ),
     "einsum_masked_fill": (
-        lambda q, k, v, m: torch.einsum(
-            "bhqk,bhkd->bhqd", (torch.einsum("bhqd,bhkd->bhqk", q, k) * SCALE).masked_fill(m, float("-inf")).softmax(-1), v
-        ),
+        lambda q, k, v, m: torch.einsum("bhqk,bhkd->bhqd", (torch.einsum("bhqd,bhkd->bhqk", q, k) * SCALE).masked_fill(m, float("-inf")).softmax(-1), v),
         _blocked,
     ),
 }
@@ -163,9 +147,7 @@ def test_mask_polarity_reaches_sdpa_as_attend_true():
 
 KEY_D_BY_L_FORMS = {
     "matmul": lambda q, kt, v: _attend(q @ kt * SCALE, v),
-    "einsum": lambda q, kt, v: torch.einsum(
-        "bhqk,bhkd->bhqd", (torch.einsum("bhqd,bhdk->bhqk", q, kt) * SCALE).softmax(-1), v
-    ),
+    "einsum": lambda q, kt, v: torch.einsum("bhqk,bhkd->bhqd", (torch.einsum("bhqd,bhdk->bhqk", q, kt) * SCALE).softmax(-1), v),
 }
 
 

@@ -91,9 +91,7 @@ def test_folds_the_tuple_returning_no_training_form():
 
         def forward(self, x):
             bn = self.bn
-            return torch.ops.aten._native_batch_norm_legit_no_training.default(
-                self.conv(x), bn.weight, bn.bias, bn.running_mean, bn.running_var, 0.1, 1e-3
-            )[0]
+            return torch.ops.aten._native_batch_norm_legit_no_training.default(self.conv(x), bn.weight, bn.bias, bn.running_mean, bn.running_var, 0.1, 1e-3)[0]
 
     model, x = _randomise(NativeBN()), torch.randn(2, 3, 8, 8)
     assert ir.op_nodes(capture(model, (x,)), ir.aten._native_batch_norm_legit_no_training)

@@ -1,0 +1,745 @@
+"""Padding-free execution of variable-length batches (ByteTransformer).
+
+Zhai et al., "ByteTransformer: A High-Performance Transformer Boosted for Variable-Length Inputs"
+(IPDPS 2023): in a padded batch most of every linear, norm, activation and attention computes on
+pad tokens. This pass rewrites an encoder graph so that the valid tokens of all sequences are
+packed once into a ``[total_tokens, ...]`` tensor (``graphopt::pack_tokens``), every token-wise op
+runs on the packed tensor, every attention becomes ``graphopt::varlen_attention`` over cumulative
+sequence offsets (emitted with ATen ops from the mask), and the results are unpacked
+(``graphopt::unpack_tokens``, zeros at pads) where something outside the token-wise region reads
+them.
+
+**The padding mask.** Every ``aten.scaled_dot_product_attention`` must be bidirectional (no
+``is_causal``, no dropout, no GQA) with an ``attn_mask`` that provably is a key-padding mask of
+one ``[batch, seq]`` graph input. A small abstract interpreter follows the mask's derivation:
+each value is a constant, an index ramp (``arange``) or a function of ``mask[b, s]`` laid out
+along two dimensions; it passes casts, comparisons, arithmetic, ``where`` / ``masked_fill``,
+and-ing with other masks, ``unsqueeze`` / ``expand`` / views that add size-1 dimensions, full
+slices and the ``index`` gather Hugging Face uses to vectorise its mask functions. A comparison of
+two index ramps (a causal or windowed mask) or any other op ends the match with the reason. The
+mask must be True (or an additive 0) at valid keys and False (or ``<= -1e4``, so that the softmax
+weight underflows to 0) at pads, along the batch and key dimensions of SDPA's ``[B, H, L, S]``.
+An integer mask input is taken to hold 0 (pad) and 1 (token), as ``attention_mask`` does.
+
+**The token-wise region.** Tensors with the batch and sequence dimensions of the mask get a
+layout (which dimensions are batch and sequence; the packed form moves them to the front and
+merges them into ``T``). Linear, layer/RMS norms, pointwise ops with token-independent operands,
+eval-mode dropout, softmax over a feature dimension, embedding lookups, views that split or merge
+only trailing feature dimensions, transposes and SDPA keep a layout. The pack goes where one
+tensor carries everything the region needs: the earliest ``[B, S, ...]`` ancestor of the
+attentions from which the region reaches every SDPA. In BERT that is the sum of the word, type
+and position embeddings (the position embeddings depend on the position, which the packed layout
+no longer has, so they are added before packing; packing the ids instead would take one pack per
+embedding input). The head split ``[B, S, H, D] -> [B, H, S, D]`` then becomes ``[T, H, D]``, the
+layout of ``varlen_attention``, and the transposes around SDPA disappear.
+
+**Outside the region.** Region values read by other ops are unpacked. Those readers see zeros at
+pads where the original saw pad-token values, so the pass follows them: multiplying by the mask
+(masked-mean pooling), selecting a fixed position (CLS pooling) and token-wise ops are fine; an
+op that reads pad positions otherwise (a reduction or convolution over the sequence, a cumsum)
+makes the pass not applicable, as does a sequence-mixing op between the pack and an attention.
+Graph outputs are compared at valid tokens only (``output_masks``): at pad positions the original
+values are meaningless, and the rewritten graph gives zeros.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch.fx import GraphModule, Node
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+import graphopt.varlen  # noqa: F401  (registers the graphopt:: packing and attention ops)
+from graphopt.ir import aten, is_op, normalized_args, op_name, op_nodes, shape_of, val_of
+from graphopt.match import VIEW_OPS, is_value_identity, normalize_dim, permutation, same_shape
+from graphopt.pass_base import Pass, PassContext, PassResult, register_pass
+
+_SDPA = aten.scaled_dot_product_attention.default
+_PAD_BIAS_MAX = -1e4  # an additive mask at most this low gives pads softmax weight exactly 0
+_CASTS = (aten.to, aten._to_copy, aten.type_as)
+_LOGICAL = (aten.__and__, aten.__or__, aten.__xor__, aten.where)  # pointwise, but not tagged so
+_NORMS = (aten.layer_norm.default, aten.rms_norm.default)
+_SOFTMAX = (aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default)
+
+
+class _Reject(Exception):
+    """The graph is not a padded encoder this pass can rewrite; the message says why."""
+
+
+def _describe(node: Node) -> str:
+    return f"{node.name} ({op_name(node.target)})" if node.op == "call_function" else node.name
+
+
+def _known(condition: Any) -> bool:
+    return bool(statically_known_true(condition))
+
+
+def _rank(node: Any) -> int | None:
+    shape = shape_of(node) if isinstance(node, Node) else None
+    return None if shape is None else len(shape)
+
+
+# ----------------------------------------------------------------------------- the padding mask
+
+
+@dataclass(frozen=True)
+class _Const:
+    """Every element equals ``value``."""
+
+    value: Any
+
+
+@dataclass(frozen=True)
+class _Ramp:
+    """Element value = its index along ``dim`` (counted from the right): an ``arange`` broadcast."""
+
+    dim: int
+
+
+@dataclass(frozen=True)
+class _Padded:
+    """Element value = ``valid`` where ``source[b, s]`` is a token, ``pad`` where it is padding;
+    ``b`` and ``s`` are the indices along ``batch_dim`` and ``seq_dim`` (counted from the right)."""
+
+    source: Node
+    batch_dim: int
+    seq_dim: int
+    valid: Any
+    pad: Any
+
+
+def _scalar(value: Any, dtype: torch.dtype) -> torch.Tensor:
+    return torch.tensor(value, dtype=dtype)
+
+
+class _MaskAnalysis:
+    """Abstract values of the nodes an attention mask is computed from (memoised)."""
+
+    def __init__(self) -> None:
+        self.values: dict[Node, Any] = {}
+
+    def value(self, node: Any) -> Any:
+        if not isinstance(node, Node):
+            if isinstance(node, (bool, int, float)):
+                return _Const(node)
+            raise _Reject(f"the mask derivation takes {node!r}, not a tensor")
+        if node not in self.values:
+            self.values[node] = self._evaluate(node)
+        return self.values[node]
+
+    def try_value(self, node: Any) -> Any | None:
+        try:
+            return self.value(node)
+        except _Reject:
+            return None
+
+    def _evaluate(self, node: Node) -> Any:
+        val = val_of(node)
+        if node.op == "placeholder":
+            if isinstance(val, torch.Tensor) and val.dim() == 2 and not val.is_floating_point():
+                return _Padded(node, -2, -1, valid=_scalar(1, val.dtype).item(), pad=_scalar(0, val.dtype).item())
+            raise _Reject(f"it depends on the input {node.name}, which is not a [batch, seq] integer or boolean mask")
+        if node.op == "get_attr":
+            tensor = getattr(node.graph.owning_module, node.target, None)
+            if isinstance(tensor, torch.Tensor) and tensor.numel() == 1:
+                return _Const(tensor.item())
+            raise _Reject(f"it depends on the constant {node.name}")
+        if node.op != "call_function":
+            raise _Reject(f"it depends on {node.name}")
+        if is_op(
+            node,
+            aten.zeros,
+            aten.ones,
+            aten.full,
+            aten.new_zeros,
+            aten.new_ones,
+            aten.new_full,
+            aten.scalar_tensor,
+            aten.zeros_like,
+            aten.ones_like,
+            aten.full_like,
+        ):
+            return _Const(self._filled_value(node))
+        if is_op(node, aten.arange.default, aten.arange.start, aten.arange.start_step):
+            return self._arange(node)
+        if is_op(node, aten.sym_size):
+            raise _Reject(f"{node.name} is a size, not a mask")
+        if is_op(node, aten.index.Tensor):
+            return self._index(node)
+        if is_op(node, *_CASTS) or is_op(node, *_LOGICAL) or torch.Tag.pointwise in node.target.tags:
+            return self._pointwise(node)
+        return self._shape_op(node)
+
+    @staticmethod
+    def _filled_value(node: Node) -> Any:
+        if is_op(node, aten.zeros, aten.new_zeros, aten.zeros_like):
+            return 0
+        if is_op(node, aten.ones, aten.new_ones, aten.ones_like):
+            return 1
+        args = normalized_args(node)
+        value = args.get("fill_value", args.get("s"))
+        if not isinstance(value, (bool, int, float)):
+            raise _Reject(f"{_describe(node)} fills with a computed value")
+        return value
+
+    def _arange(self, node: Node) -> _Ramp:
+        args = normalized_args(node)
+        if args.get("start", 0) != 0 or args.get("step", 1) != 1:
+            raise _Reject(f"{_describe(node)} is not arange(n)")
+        return _Ramp(-1)
+
+    def _index(self, node: Node) -> _Padded:
+        """``source[ramp_b, ramp_s]``: the index gather that vectorises a per-(b, s) mask function."""
+        source, indices = node.args[0], node.args[1]
+        src = self.value(source)
+        if not isinstance(src, _Padded) or (src.batch_dim, src.seq_dim) != (-2, -1) or _rank(source) != 2 or len(indices) != 2:
+            raise _Reject(f"{_describe(node)} indexes the mask other than by one index per dimension")
+        ramps = [self.value(i) if isinstance(i, Node) else None for i in indices]
+        if not all(isinstance(r, _Ramp) for r in ramps):
+            raise _Reject(f"{_describe(node)} indexes the mask with something other than index ramps")
+        # A ramp may be sized from another input (Hugging Face takes the batch size from the ids);
+        # the packing ops then need the two sizes equal and raise where they are not.
+        return _Padded(src.source, ramps[0].dim, ramps[1].dim, src.valid, src.pad)
+
+    def _pointwise(self, node: Node) -> Any:
+        operands = [a for a in node.args if isinstance(a, Node)] + [a for a in node.kwargs.values() if isinstance(a, Node)]
+        values = {a: self.value(a) for a in operands}
+        ramps = [v for v in values.values() if isinstance(v, _Ramp)]
+        padded = [v for v in values.values() if isinstance(v, _Padded)]
+        if ramps:
+            return self._ramp_op(node, values, ramps, padded)
+        if not padded:
+            return _Const(self._apply(node, values, lambda v: v.value))
+        first = padded[0]
+        if any((p.source, p.batch_dim, p.seq_dim) != (first.source, first.batch_dim, first.seq_dim) for p in padded):
+            raise _Reject(f"{_describe(node)} combines masks laid out along different dimensions")
+        valid = self._apply(node, values, lambda v: v.valid if isinstance(v, _Padded) else v.value)
+        pad = self._apply(node, values, lambda v: v.pad if isinstance(v, _Padded) else v.value)
+        return _Padded(first.source, first.batch_dim, first.seq_dim, valid, pad)
+
+    def _ramp_op(self, node: Node, values: dict, ramps: list, padded: list) -> Any:
+        """Ops on index ramps: ``ramp + 0`` is the ramp, ``ramp >= c`` (``c <= 0``) is all True."""
+        if len(ramps) > 1:
+            raise _Reject(f"{_describe(node)} compares query and key positions (a causal or windowed mask)")
+        if padded:
+            raise _Reject(f"{_describe(node)} mixes positions into the padding mask")
+        other = [v.value for v in values.values() if isinstance(v, _Const)] + [a for a in node.args[1:] if isinstance(a, (int, float))]
+        if is_op(node, *_CASTS) or is_value_identity(node):
+            return ramps[0]
+        if is_op(node, aten.add, aten.sub) and other == [0]:
+            return ramps[0]
+        if node.args[0] is not None and values.get(node.args[0]) is ramps[0] and len(other) == 1:
+            if (is_op(node, aten.ge) and other[0] <= 0) or (is_op(node, aten.gt) and other[0] < 0):
+                return _Const(True)
+        raise _Reject(f"{_describe(node)} makes the mask depend on the position")
+
+    @staticmethod
+    def _apply(node: Node, values: dict, pick: Callable[[Any], Any]) -> Any:
+        """Run ``node``'s op on 0-d tensors holding the picked scalar of each abstract operand."""
+
+        def concrete(arg: Any) -> Any:
+            if isinstance(arg, Node):
+                return _scalar(pick(values[arg]), val_of(arg).dtype)
+            return arg
+
+        args, kwargs = torch.fx.node.map_aggregate((node.args, node.kwargs), concrete)
+        try:
+            result = node.target(*args, **kwargs)
+        except (RuntimeError, TypeError) as e:
+            raise _Reject(f"{_describe(node)} cannot be evaluated on a mask value ({e})") from None
+        return result.item() if isinstance(result, torch.Tensor) else result
+
+    def _shape_op(self, node: Node) -> Any:
+        source = node.args[0] if node.args else None
+        if not isinstance(source, Node):
+            raise _Reject(f"{_describe(node)} is not a recognised mask derivation")
+        value = self.value(source)
+        if isinstance(value, _Const):
+            if is_op(node, aten.unsqueeze, aten.expand, aten.slice, aten.permute, aten.transpose, aten.squeeze, *VIEW_OPS):
+                return value
+            raise _Reject(f"{_describe(node)} is not a recognised mask derivation")
+        mapping = self._dim_mapping(node, source)
+        if isinstance(value, _Ramp):
+            return _Ramp(mapping(value.dim))
+        return _Padded(value.source, mapping(value.batch_dim), mapping(value.seq_dim), value.valid, value.pad)
+
+    @staticmethod
+    def _dim_mapping(node: Node, source: Node) -> Callable[[int], int]:
+        """Where each dimension of ``source`` (counted from the right) is in ``node``'s output."""
+        in_shape, out_shape = shape_of(source), shape_of(node)
+        if in_shape is None or out_shape is None:
+            raise _Reject(f"{_describe(node)} has no shape information")
+        r_in, r_out = len(in_shape), len(out_shape)
+        reject = _Reject(f"{_describe(node)} reshapes the mask other than by adding size-1 dimensions")
+        if is_op(node, aten.expand) or (is_op(node, aten.slice) and _is_full_slice(node, in_shape)):
+            return lambda d: d
+        if is_op(node, aten.unsqueeze):
+            at = normalize_dim(node.args[1], r_out)
+            return lambda d: d if r_in + d >= at else d - 1
+        perm = permutation(node)
+        if perm is not None:
+            return lambda d: perm.index(r_in + d) - r_out
+        if is_op(node, *VIEW_OPS, aten.squeeze):
+            kept_in = [i for i, s in enumerate(in_shape) if not _known(s == 1)]
+            kept_out = [i for i, s in enumerate(out_shape) if not _known(s == 1)]
+            if len(kept_in) != len(kept_out) or not same_shape([in_shape[i] for i in kept_in], [out_shape[i] for i in kept_out]):
+                raise reject
+
+            def mapped(d: int) -> int:
+                if r_in + d not in kept_in:
+                    raise reject
+                return kept_out[kept_in.index(r_in + d)] - r_out
+
+            return mapped
+        raise _Reject(f"{_describe(node)} is not a recognised mask derivation")
+
+
+def _is_full_slice(node: Node, shape: tuple) -> bool:
+    args = normalized_args(node)
+    dim, start, end, step = args["dim"], args["start"], args["end"], args["step"]
+    size = shape[normalize_dim(dim, len(shape))]
+    return start in (None, 0) and step == 1 and (end is None or end == sys.maxsize or (isinstance(end, int) and _known(end >= size)))
+
+
+def _position_comparison(mask: Node) -> Node | None:
+    """A comparison in ``mask``'s derivation between two values computed from ``arange``s, if any."""
+    for node in [mask, *_ancestors([mask])]:
+        if is_op(node, aten.lt, aten.le, aten.gt, aten.ge, aten.eq, aten.ne) and len(node.all_input_nodes) == 2:
+            if all(any(is_op(a, aten.arange) for a in [x, *_ancestors([x])]) for x in node.all_input_nodes):
+                return node
+    return None
+
+
+def _check_attention(sdpa: Node, masks: _MaskAnalysis) -> Node:
+    """The padding-mask input ``sdpa``'s ``attn_mask`` is derived from; raises :class:`_Reject`."""
+    args = normalized_args(sdpa)
+    if args["is_causal"]:
+        raise _Reject(f"{sdpa.name} is causal attention (a decoder): every token needs the ones before it, pads included in the layout")
+    if args["dropout_p"] != 0:
+        raise _Reject(f"{sdpa.name} applies attention dropout")
+    if args["enable_gqa"]:
+        raise _Reject(f"{sdpa.name} uses grouped-query attention")
+    if any(_rank(args[k]) != 4 for k in ("query", "key", "value")):
+        raise _Reject(f"{sdpa.name} does not take [batch, heads, seq, dim] operands")
+    mask = args["attn_mask"]
+    if mask is None:
+        raise _Reject(f"{sdpa.name} has no attention mask: every token attends to the pads, which then cannot be removed")
+    try:
+        value = masks.value(mask)
+    except _Reject as e:
+        causal = _position_comparison(mask)
+        if causal is not None:
+            raise _Reject(f"the attention mask of {sdpa.name} is causal or windowed: {_describe(causal)} compares query and key positions") from None
+        raise _Reject(f"the attention mask of {sdpa.name} is not derived from a padding input: {e}") from None
+    if not isinstance(value, _Padded) or value.batch_dim != -4 or value.seq_dim != -1:
+        raise _Reject(f"the attention mask of {sdpa.name} is not a per-sequence key mask [batch, 1, 1|seq, seq]")
+    if val_of(mask).dtype == torch.bool:
+        ok = value.valid is True and value.pad is False
+    else:
+        ok = value.valid == 0 and value.pad <= _PAD_BIAS_MAX
+    if not ok:
+        raise _Reject(f"the attention mask of {sdpa.name} gives valid keys {value.valid} and pads {value.pad}, not a padding mask")
+    return value.source
+
+
+# ----------------------------------------------------------------------------- the token-wise region
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Which dimensions of a padded tensor are batch and sequence; the packed form is
+    ``x.permute(batch, seq, *rest).flatten(0, 1)[valid]``, ``rest`` the other dims in order."""
+
+    batch: int
+    seq: int
+
+    def rest(self, rank: int) -> list[int]:
+        return [d for d in range(rank) if d not in (self.batch, self.seq)]
+
+    def packed_dim(self, dim: int, rank: int) -> int:
+        return 1 + self.rest(rank).index(normalize_dim(dim, rank))
+
+
+_TOKENS = _Layout(0, 1)
+_HEADS = _Layout(0, 2)  # [B, H, S, D], SDPA's layout
+
+
+def _token_independent(arg: Any, layout: _Layout, rank: int, region: dict) -> bool:
+    """Whether ``arg`` is the same for every token of a ``rank``-D value laid out as ``layout``: a
+    number, or a tensor outside the region that broadcasts over dims after batch and sequence only."""
+    if not isinstance(arg, Node):
+        return not isinstance(arg, torch.Tensor)
+    if arg in region:
+        return False
+    arg_rank = _rank(arg)
+    return arg_rank is not None and arg_rank <= rank - 1 - max(layout.batch, layout.seq)
+
+
+def _outside_region(arg: Any, region: dict) -> bool:
+    return not (isinstance(arg, Node) and arg in region)
+
+
+def _layout_of(node: Node, region: dict, pad_masks: set) -> _Layout | None:
+    """The layout of ``node`` when it runs on packed operands unchanged in meaning, else None."""
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return None
+    if is_op(node, _SDPA):
+        return _sdpa_layout(node, region, pad_masks)
+    rank = _rank(node)
+    x = node.args[0] if node.args else None
+    if rank is None or not isinstance(x, Node) or x not in region:
+        return None
+    layout, x_rank = region[x], _rank(x)
+    last_token_dim = max(layout.batch, layout.seq)
+    if is_op(node, aten.linear.default, aten.matmul.default):
+        ok = last_token_dim < x_rank - 1 and all(_outside_region(a, region) for a in node.args[1:]) and rank == x_rank
+        return layout if ok and (not is_op(node, aten.matmul) or _rank(node.args[1]) == 2) else None
+    if is_op(node, *_NORMS):
+        normalized = len(node.args[1])
+        ok = last_token_dim < x_rank - normalized and all(_outside_region(a, region) for a in node.args[2:])
+        return layout if ok else None
+    if is_op(node, torch.ops.graphopt.rms_norm.default, torch.ops.graphopt.crms_norm.default):
+        return layout if last_token_dim < x_rank - 1 and all(_outside_region(a, region) for a in node.args[1:]) else None
+    if is_op(node, *_SOFTMAX):
+        return layout if normalize_dim(node.args[1], x_rank) not in (layout.batch, layout.seq) else None
+    if is_op(node, *VIEW_OPS):
+        in_shape, out_shape = shape_of(x), shape_of(node)
+        ok = layout == _TOKENS and len(out_shape) >= 2 and same_shape(in_shape[:2], out_shape[:2])
+        return _TOKENS if ok and not any(isinstance(s, Node) for s in node.args[1][2:]) else None
+    perm = permutation(node)
+    if perm is not None:
+        return _Layout(perm.index(layout.batch), perm.index(layout.seq))
+    if is_value_identity(node) or torch.Tag.pointwise in node.target.tags or is_op(node, *_CASTS):
+        return _pointwise_layout(node, region)
+    return None
+
+
+def _pointwise_layout(node: Node, region: dict) -> _Layout | None:
+    rank = _rank(node)
+    operands = list(node.args) + list(node.kwargs.values())
+    packed = [a for a in operands if isinstance(a, Node) and a in region]
+    layout = region[packed[0]]
+    if any(region[a] != layout or not same_shape(shape_of(a), shape_of(node)) for a in packed):
+        return None
+    others = [a for a in operands if isinstance(a, Node) and a not in region]
+    return layout if all(_token_independent(a, layout, rank, region) for a in others) else None
+
+
+def _sdpa_layout(node: Node, region: dict, pad_masks: set) -> _Layout | None:
+    args = normalized_args(node)
+    ok = args["attn_mask"] in pad_masks and all(region.get(args[k]) == _HEADS for k in ("query", "key", "value"))
+    return _HEADS if ok else None
+
+
+def _embedding_layout(node: Node, region: dict) -> _Layout | None:
+    if not is_op(node, aten.embedding.default):
+        return None
+    weight, indices = node.args[0], node.args[1]
+    return region[indices] if indices in region and weight not in region else None
+
+
+@dataclass
+class _Region:
+    entry: Node
+    layouts: dict[Node, _Layout]
+    missing: list[Node]  # attentions the region does not reach
+    blocker: Node | None  # the first node reading the region that is not token-wise, on the way to a missing attention
+
+
+def _grow_region(gm: GraphModule, entry: Node, sdpas: list[Node], pad_masks: set, ancestors: set) -> _Region:
+    layouts: dict[Node, _Layout] = {entry: _TOKENS}
+    blocker = None
+    started = False
+    for node in gm.graph.nodes:
+        if node is entry:
+            started = True
+            continue
+        if not started or node.op != "call_function":
+            continue
+        reads_region = any(a in layouts for a in node.all_input_nodes)
+        if not reads_region:
+            continue
+        layout = _embedding_layout(node, layouts) or _layout_of(node, layouts, pad_masks)
+        if layout is not None:
+            layouts[node] = layout
+        elif blocker is None and node in ancestors:
+            blocker = node
+    missing = [s for s in sdpas if s not in layouts]
+    return _Region(entry, layouts, missing, blocker)
+
+
+def _ancestors(nodes: list[Node]) -> set[Node]:
+    seen: set[Node] = set()
+    stack = list(nodes)
+    while stack:
+        n = stack.pop()
+        for a in n.all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                stack.append(a)
+    return seen
+
+
+# ----------------------------------------------------------------------------- readers of unpacked values
+
+
+@dataclass(frozen=True)
+class _AtPads:
+    """A value outside the region that differs from the original only where ``mask[b, s]`` is a
+    pad: along ``batch`` and ``seq``, or (``seq`` None) in rows ``b`` whose token ``position`` is."""
+
+    batch: int
+    seq: int | None
+    position: int = 0
+
+
+def _follow_unpacked(gm: GraphModule, exits: dict[Node, _Layout], mask_input: Node, masks: _MaskAnalysis) -> dict[int, _AtPads]:
+    """Check every reader of unpacked values; returns the graph outputs that differ at pads, by
+    flat output index. Raises :class:`_Reject` for a reader that would see the zeros at pads."""
+    differs: dict[Node, _AtPads] = {x: _AtPads(layout.batch, layout.seq) for x, layout in exits.items()}
+    outputs: dict[int, _AtPads] = {}
+    for node in gm.graph.nodes:
+        dirty = [a for a in node.all_input_nodes if a in differs]
+        if not dirty or node in exits:
+            continue
+        if node.op == "output":
+            for i, leaf in enumerate(torch.utils._pytree.tree_leaves(node.args[0])):
+                if leaf in differs:
+                    outputs[i] = differs[leaf]
+            continue
+        state = _reader_state(node, dirty, differs, mask_input, masks)
+        if state is None:
+            raise _Reject(f"{_describe(node)} reads the encoder output at pad positions, where removing padding leaves zeros")
+        if state != "clean":
+            differs[node] = state
+    return outputs
+
+
+def _reader_state(node: Node, dirty: list[Node], differs: dict, mask_input: Node, masks: _MaskAnalysis) -> _AtPads | str | None:
+    state = differs[dirty[0]]
+    if any(differs[d] != state for d in dirty) or node.op != "call_function":
+        return None
+    rank = _rank(node)
+    x = node.args[0]
+    if is_op(node, aten.mul.Tensor, aten.where.self, aten.where.ScalarOther, aten.masked_fill.Scalar) and state.seq is not None:
+        if _zeroes_pads(node, x, state, mask_input, masks):
+            return "clean"
+    if is_op(node, aten.select.int) and state.seq is not None and x in dirty and normalize_dim(node.args[1], _rank(x)) == state.seq:
+        index = node.args[2]
+        if isinstance(index, int) and index >= 0:
+            return _AtPads(state.batch - (state.batch > state.seq), None, index)
+        return None
+    if is_op(node, aten.slice.Tensor) and _is_full_slice(node, shape_of(x)):
+        return state
+    tokens = [d for d in (state.batch, state.seq) if d is not None]
+    if is_op(node, aten.linear.default) and x in dirty and max(tokens) < rank - 1 and rank == _rank(x):
+        return state if not any(a in dirty for a in node.args[1:]) else None
+    if is_op(node, *_NORMS) and x in dirty and max(tokens) < rank - len(node.args[1]):
+        return state
+    pointwise = is_value_identity(node) or torch.Tag.pointwise in node.target.tags or is_op(node, *_CASTS)
+    if pointwise and all(same_shape(shape_of(d), shape_of(node)) for d in dirty):
+        return state
+    return None
+
+
+def _zeroes_pads(node: Node, x: Node, state: _AtPads, mask_input: Node, masks: _MaskAnalysis) -> bool:
+    """Whether ``node`` multiplies / selects the value by the padding mask, so pads become 0 either way."""
+    rank = _rank(node)
+    batch, seq = state.batch - rank, state.seq - rank
+    if is_op(node, aten.mul.Tensor):
+        other = node.args[1] if node.args[0] is x else node.args[0]
+        gate = masks.try_value(other)
+        return isinstance(gate, _Padded) and gate.source is mask_input and (gate.batch_dim, gate.seq_dim) == (batch, seq) and gate.pad == 0
+    cond = masks.try_value(node.args[0] if is_op(node, aten.where) else node.args[1])
+    if not (isinstance(cond, _Padded) and cond.source is mask_input and (cond.batch_dim, cond.seq_dim) == (batch, seq)):
+        return False
+    if is_op(node, aten.masked_fill.Scalar):
+        return node.args[0] is x and cond.pad is True and cond.valid is False and node.args[2] == 0
+    return node.args[1] is x and cond.valid is True and cond.pad is False and node.args[2] == 0
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class _Plan:
+    mask: Node
+    region: _Region
+    exits: dict[Node, _Layout]
+    outputs_at_pads: dict[int, _AtPads] = field(default_factory=dict)
+
+
+def _plan(gm: GraphModule) -> _Plan:
+    sdpas = op_nodes(gm, _SDPA)
+    if not sdpas:
+        raise _Reject("no aten.scaled_dot_product_attention in the graph (run canonicalize first for written-out attention)")
+    masks = _MaskAnalysis()
+    sources = {_check_attention(s, masks) for s in sdpas}
+    if len(sources) > 1:
+        raise _Reject("the attention masks come from different inputs: " + ", ".join(sorted(s.name for s in sources)))
+    (mask,) = sources
+    pad_masks = {normalized_args(s)["attn_mask"] for s in sdpas}
+    region = _choose_region(gm, mask, sdpas, pad_masks, masks)
+    exits = {n: layout for n, layout in region.layouts.items() if n is not region.entry and any(u not in region.layouts for u in n.users)}
+    plan = _Plan(mask, region, exits)
+    plan.outputs_at_pads = _follow_unpacked(gm, exits, mask, masks)
+    return plan
+
+
+def _choose_region(gm: GraphModule, mask: Node, sdpas: list[Node], pad_masks: set, masks: _MaskAnalysis) -> _Region:
+    """The region grown from the earliest ``[B, S, ...]`` ancestor of the attentions that reaches them all."""
+    query_shape = shape_of(normalized_args(sdpas[0])["query"])
+    token_grid = (query_shape[0], query_shape[2])  # the mask's own sizes may be other symbols
+    ancestors = _ancestors(sdpas)
+    mask_cone = set(masks.values)
+    candidates = [
+        n
+        for n in gm.graph.nodes
+        if n in ancestors and n is not mask and n not in mask_cone and n not in pad_masks and (_rank(n) or 0) >= 2 and same_shape(shape_of(n)[:2], token_grid)
+    ]
+    best: _Region | None = None
+    for entry in candidates:
+        region = _grow_region(gm, entry, sdpas, pad_masks, ancestors)
+        if not region.missing:
+            return region
+        if best is None or len(region.missing) < len(best.missing) or (len(region.missing) == len(best.missing) and best.blocker is None):
+            best = region
+    if best is None:
+        raise _Reject(f"no [batch, seq, ...] tensor shaped like the mask {mask.name} feeds the attentions")
+    first = best.missing[0]
+    if best.blocker is not None:
+        raise _Reject(
+            f"{_describe(best.blocker)} between the packed tokens and {first.name} is not token-wise (it mixes sequence positions or changes the token layout)"
+        )
+    raise _Reject(f"no single packed tensor reaches {first.name} through token-wise ops")
+
+
+# ----------------------------------------------------------------------------- the rewrite
+
+
+def _call(graph, target, args, kwargs=None) -> Node:
+    return graph.call_function(target, tuple(args), kwargs or {})
+
+
+def _rewrite(gm: GraphModule, plan: _Plan) -> dict[str, int]:
+    graph, mask, entry = gm.graph, plan.mask, plan.region.entry
+    layouts = plan.region.layouts
+    anchor = entry.next
+    while anchor.op == "placeholder":
+        anchor = anchor.next
+    with graph.inserting_before(anchor):
+        packed = _call(graph, torch.ops.graphopt.pack_tokens.default, (entry, mask))
+        tokens = _call(graph, aten.sym_size.int, (packed, 0))
+        lengths = _call(graph, aten.sum.dim_IntList, (_call(graph, aten.ne.Scalar, (mask, 0)), [1]))
+        offsets = _call(graph, aten.cumsum.default, (lengths, 0))
+        cu_seqlens = _call(graph, aten.constant_pad_nd.default, (offsets, [1, 0], 0))
+    for user in [u for u in entry.users if u in layouts]:
+        user.replace_input_with(entry, packed)
+
+    for node, layout in plan.exits.items():
+        rank = _rank(node)
+        outside = [u for u in node.users if u not in layouts]
+        with graph.inserting_after(node):
+            unpacked = _call(graph, torch.ops.graphopt.unpack_tokens.default, (node, mask))
+        if layout != _TOKENS:  # [B, S, *rest] back to the original order of dimensions
+            packed_order = [layout.batch, layout.seq, *layout.rest(rank)]
+            with graph.inserting_after(unpacked):
+                unpacked = _call(graph, aten.permute.default, (unpacked, [packed_order.index(d) for d in range(rank)]))
+        for user in outside:
+            user.replace_input_with(node, unpacked)
+
+    # decide every edit from the original shapes first: the edits drop the nodes' shape metadata
+    region_nodes = [n for n in graph.nodes if n in layouts and n is not entry]
+    permutations = {n: _packed_permutation(n, layouts) for n in region_nodes if permutation(n) is not None}
+    softmax_dims = {n: layouts[n].packed_dim(n.args[1], _rank(n)) for n in region_nodes if is_op(n, *_SOFTMAX)}
+    attentions = 0
+    for node in region_nodes:
+        if is_op(node, *VIEW_OPS):
+            node.args = (node.args[0], [tokens, *node.args[1][2:]], *node.args[2:])
+        elif node in softmax_dims:
+            node.args = (node.args[0], softmax_dims[node], *node.args[2:])
+        elif node in permutations:
+            _apply_permutation(node, permutations[node])
+        elif is_op(node, _SDPA):
+            args = normalized_args(node)
+            with graph.inserting_before(node):
+                attention = _call(
+                    graph, torch.ops.graphopt.varlen_attention.default, (args["query"], args["key"], args["value"], cu_seqlens), {"scale": args["scale"]}
+                )
+            node.replace_all_uses_with(attention)
+            graph.erase_node(node)
+            attentions += 1
+    return {"attentions": attentions, "packs": 1, "unpacks": len(plan.exits)}
+
+
+def _packed_permutation(node: Node, layouts: dict) -> list[int]:
+    """A transpose/permute on packed values: only the order of the non-token dims is left to change."""
+    rank, perm = _rank(node), permutation(node)
+    in_rest = layouts[node.args[0]].rest(rank)
+    return [0] + [1 + in_rest.index(perm[d]) for d in layouts[node].rest(rank)]
+
+
+def _apply_permutation(node: Node, packed_perm: list[int]) -> None:
+    if packed_perm == list(range(len(packed_perm))):
+        node.replace_all_uses_with(node.args[0])
+        node.graph.erase_node(node)
+        return
+    node.target = aten.permute.default
+    node.args = (node.args[0], packed_perm)
+    node.kwargs = {}
+
+
+@register_pass
+class RemovePadding(Pass):
+    """Run encoders on the valid tokens only: pack once, varlen attention, unpack at the end (ByteTransformer)."""
+
+    name = "remove_padding"
+    exact = True
+    requires = ("canonicalize",)
+
+    def __init__(self) -> None:
+        self._outputs_at_pads: dict[int, _AtPads] = {}
+        self._mask_index: int | None = None
+
+    def applicable(self, gm: GraphModule) -> tuple[bool, str]:
+        try:
+            _plan(gm)
+        except _Reject as e:
+            return False, str(e)
+        return True, ""
+
+    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+        plan = _plan(gm)
+        self._outputs_at_pads = plan.outputs_at_pads
+        self._mask_index = [n for n in gm.graph.nodes if n.op == "placeholder"].index(plan.mask)
+        stats = _rewrite(gm, plan)
+        stats["packed_ops"] = len(plan.region.layouts) - 1
+        stats["mask_input"] = plan.mask.name
+        return PassResult(changed=True, stats=stats)
+
+    def output_masks(self, reference: Any, ctx: PassContext):
+        """Valid-token positions of the outputs that carry tokens; other outputs are compared whole."""
+        if not self._outputs_at_pads:
+            return None
+        inputs = torch.utils._pytree.tree_leaves((list(ctx.example_inputs), ctx.example_kwargs))
+        valid = inputs[self._mask_index].ne(0)
+        leaves = torch.utils._pytree.tree_leaves(reference)
+        return [_valid_positions(self._outputs_at_pads.get(i), valid, leaf) for i, leaf in enumerate(leaves)]
+
+
+def _valid_positions(at_pads: _AtPads | None, valid: torch.Tensor, leaf: Any) -> torch.Tensor | None:
+    """A boolean tensor broadcastable to ``leaf``, True where it does not depend on pad tokens."""
+    if at_pads is None or not isinstance(leaf, torch.Tensor):
+        return None
+    rank = leaf.dim()
+    if at_pads.seq is None:
+        shape = [1] * rank
+        shape[at_pads.batch] = valid.shape[0]
+        return valid[:, at_pads.position].reshape(shape)
+    order = [at_pads.batch, at_pads.seq]
+    grid = valid if order == sorted(order) else valid.t()
+    shape = [leaf.shape[d] if d in order else 1 for d in range(rank)]
+    return grid.reshape(shape)
