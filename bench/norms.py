@@ -171,8 +171,10 @@ def main(argv=None) -> int:
             for residual in (False, True):
                 for shape in shapes:
                     rows += run_case(norm_case(shape, residual, device, args.calls), rounds=args.rounds)
-    triton_note = "Triton: on CUDA, eager graphopt::rms_norm runs the Triton kernel." if "cuda" in devices else (
-        "Triton: not measured, no CUDA device on this machine (the kernels are tested under the Triton interpreter)."
+    triton_note = (
+        "Triton: on CUDA, eager graphopt::rms_norm runs the Triton kernel."
+        if "cuda" in devices
+        else ("Triton: not measured, no CUDA device on this machine (the kernels are tested under the Triton interpreter).")
     )
     notes = (
         f"Each round runs every configuration {args.calls} times on the same batch: 'median ms' is for {args.calls} calls "
