@@ -81,24 +81,28 @@ _TENSOR_ARGS = ("query", "key", "value", "attn_mask")
 # Source generation.
 
 
-def attention_source(causal: bool, mask: str | None, input_precision: str = "ieee") -> str:
+def attention_source(causal: bool, mask: str | None, input_precision: str = "ieee", varlen: bool = False) -> str:
     """The ``@triton.jit`` kernel ``attention_fwd_kernel`` for one variant, as Python source.
 
     ``causal``: ATen's top-left aligned ``is_causal``; ``mask``: None, ``"bool"`` (False = masked)
     or ``"additive"`` (added to the scores); ``input_precision``: of the two ``tl.dot`` on a GPU
-    (``"ieee"`` or ``"tf32"``; the interpreter computes in fp32 either way).
+    (``"ieee"`` or ``"tf32"``; the interpreter computes in fp32 either way). ``varlen``: the
+    packed variant ``varlen_attention_fwd_kernel`` of :mod:`~graphopt.backends.triton_varlen_attention`
+    (an extra ``CuSeqlens`` argument; "batch" ``b`` is a sequence of the packed rows).
     """
     if mask not in MASK_KINDS:
         raise ValueError(f"mask must be one of {MASK_KINDS}, not {mask!r}")
     if causal and mask is not None:
         raise NotLowerable("attn_mask together with is_causal")
+    if varlen and mask is not None:
+        raise NotLowerable("a mask on packed sequences (its strides are per batch)")
     if input_precision not in ("ieee", "tf32"):
         raise ValueError(f"input_precision must be 'ieee' or 'tf32', not {input_precision!r}")
     dot = f'input_precision="{input_precision}"'
     lines = [
         "@triton.jit",
-        "def attention_fwd_kernel(",
-        "    Q, K, V, Out, Mask,",
+        f"def {'varlen_' if varlen else ''}attention_fwd_kernel(",
+        f"    Q, K, V, Out, Mask,{' CuSeqlens,' if varlen else ''}",
         "    q_stride_b, q_stride_h, q_stride_m, q_stride_d,",
         "    k_stride_b, k_stride_h, k_stride_n, k_stride_d,",
         "    v_stride_b, v_stride_h, v_stride_n, v_stride_d,",
@@ -113,6 +117,19 @@ def attention_source(causal: bool, mask: str | None, input_precision: str = "iee
         "    b = batch_head // H",
         "    h = batch_head % H",
         "    h_kv = h // KV_GROUP  # grouped-query attention: KV_GROUP query heads share a key/value head",
+    ]
+    if varlen:
+        lines += [
+            "    # Varlen: sequence b is rows [seq_start, seq_start + its length) of the packed inputs; its length",
+            "    # replaces the Lq and Lk arguments (the longest length, rounded: only the autotuner reads those).",
+            "    seq_start = tl.load(CuSeqlens + b)",
+            "    Lq = (tl.load(CuSeqlens + b + 1) - seq_start).to(tl.int32)",
+            "    Lk = Lq",
+            "    if start_m >= Lq:  # the grid covers the longest sequence; this one ends before this block",
+            "        return",
+            "    b = seq_start  # the batch strides are the token strides: b * stride_b is the sequence's first row",
+        ]
+    lines += [
         "    rows = start_m + tl.arange(0, BLOCK_M)",
         "    row_in = rows < Lq",
         "    offs_n = tl.arange(0, BLOCK_N)",

@@ -47,35 +47,14 @@ __all__ = ["DTYPES", "varlen_attention", "varlen_attention_source"]
 
 KERNEL_NAME = "varlen_attention_fwd_kernel"
 
-_VARLEN_LINES = """\
-    # Varlen: sequence b is rows [seq_start, seq_start + its length) of the packed inputs; its length
-    # replaces the Lq and Lk arguments (the longest length, rounded: only the autotuner reads those).
-    seq_start = tl.load(CuSeqlens + b)
-    Lq = (tl.load(CuSeqlens + b + 1) - seq_start).to(tl.int32)
-    Lk = Lq
-    if start_m >= Lq:  # the grid covers the longest sequence; this one ends before this block
-        return
-    b = seq_start  # the batch strides are the token strides: b * stride_b is the sequence's first row
-"""
-
-
-def _splice(source: str, anchor: str, new: str) -> str:
-    if source.count(anchor) != 1:
-        raise AssertionError(f"the attention template changed: {anchor!r} is not in its source exactly once")
-    return source.replace(anchor, new)
-
 
 def varlen_attention_source(input_precision: str = "ieee") -> str:
     """The ``@triton.jit`` kernel ``varlen_attention_fwd_kernel`` as Python source: the attention
-    template's (no mask, not causal) with the sequence's extent read from ``CuSeqlens``.
+    template's packed variant (no mask, not causal), the sequence's extent read from ``CuSeqlens``.
 
     ``input_precision``: of the two ``tl.dot`` on a GPU (``"ieee"`` or ``"tf32"``).
     """
-    source = attention_source(False, None, input_precision)
-    source = _splice(source, "def attention_fwd_kernel(\n", f"def {KERNEL_NAME}(\n")
-    source = _splice(source, "    Q, K, V, Out, Mask,\n", "    Q, K, V, Out, Mask, CuSeqlens,\n")
-    h_kv_line = next(line for line in source.splitlines(keepends=True) if line.startswith("    h_kv = "))
-    return _splice(source, h_kv_line, h_kv_line + _VARLEN_LINES)
+    return attention_source(False, None, input_precision, varlen=True)
 
 
 def _load_varlen_kernel(input_precision: str):
