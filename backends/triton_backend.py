@@ -28,6 +28,7 @@ before ``graphopt`` is imported, since importing it imports ``triton``).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from typing import Any
@@ -40,7 +41,7 @@ from graphopt.backends.partition import fuse_regions
 from graphopt.backends.triton_codegen import NotLowerable
 from graphopt.manager import run_graph
 
-__all__ = ["TritonKernel", "triton"]
+__all__ = ["KINDS", "Lowering", "TritonKernel", "plan", "triton"]
 
 NO_CUDA = (
     "backend 'triton' needs a CUDA device; on this machine use backend='eager' or backend='inductor' "
@@ -112,6 +113,42 @@ def _attention_regions(runner: GraphModule) -> None:
     runner.recompile()
 
 
+@dataclasses.dataclass
+class Lowering:
+    """What the backend does with one region: its kind, and the generated kernel's ``source`` or
+    the ``reason`` it stays ATen."""
+
+    kind: str
+    source: str | None = None
+    reason: str | None = None
+
+
+def plan(gm: GraphModule, kinds: tuple[str, ...] = KINDS) -> tuple[GraphModule, dict[str, Lowering]]:
+    """The fused runner of ``gm`` (each region a ``fused_<i>`` submodule, each attention call an
+    ``attention_<k>`` one) and, per region, its :class:`Lowering`. Only sources are generated:
+    nothing is compiled or run, so this needs no GPU (``bench/fusion.py`` counts with it)."""
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown:
+        raise ValueError(f"unknown region kind(s) {', '.join(unknown)}; the triton backend lowers {', '.join(KINDS)}")
+    runner = fuse_regions(gm)
+    if "attention" in kinds:
+        _attention_regions(runner)
+    templates = _templates()
+    lowerings: dict[str, Lowering] = {}
+    for node in runner.graph.nodes:
+        if node.op != "call_module" or "region_kind" not in node.meta:
+            continue
+        name, kind = node.target, node.meta["region_kind"]
+        if kind not in kinds:
+            lowerings[name] = Lowering(kind, reason=f"{kind} region: not among the kinds asked for")
+            continue
+        try:
+            lowerings[name] = Lowering(kind, source=templates[kind][0](runner.get_submodule(name)))
+        except NotLowerable as exc:
+            lowerings[name] = Lowering(kind, reason=str(exc))
+    return runner, lowerings
+
+
 @register_backend("triton")
 def triton(
     gm: GraphModule,
@@ -128,32 +165,21 @@ def triton(
     """
     if not _interpreting(interpret) and not torch.cuda.is_available():
         raise RuntimeError(NO_CUDA)
-    unknown = sorted(set(kinds) - set(KINDS))
-    if unknown:
-        raise ValueError(f"unknown region kind(s) {', '.join(unknown)}; the triton backend lowers {', '.join(KINDS)}")
-    runner = fuse_regions(gm)
-    if "attention" in kinds:
-        _attention_regions(runner)
+    runner, lowerings = plan(gm, kinds)
     templates = _templates()
     kernels: dict[str, str] = {}
-    left_to_aten: dict[str, str] = {}
-    for node in runner.graph.nodes:
-        if node.op != "call_module" or "region_kind" not in node.meta:
-            continue
-        name, kind = node.target, node.meta["region_kind"]
-        if kind not in kinds:
-            left_to_aten[name] = f"{kind} region: not among the kinds asked for"
+    left_to_aten = {name: lowering.reason for name, lowering in lowerings.items() if lowering.source is None}
+    for name, lowering in lowerings.items():
+        if lowering.source is None:
             continue
         region = runner.get_submodule(name)
-        generate, compile_ = templates[kind]
         try:
-            source = generate(region)
-            launcher = compile_(region)
+            launcher = templates[lowering.kind][1](region)
         except NotLowerable as exc:
             left_to_aten[name] = str(exc)
             continue
-        runner.add_submodule(name, TritonKernel(launcher, source, region, kind))
-        kernels[name] = source
+        runner.add_submodule(name, TritonKernel(launcher, lowering.source, region, lowering.kind))
+        kernels[name] = lowering.source
     # A trial run on the example inputs finds the kernels whose launcher refuses those shapes.
     if kernels:
         run_graph(runner, example_inputs, example_kwargs)

@@ -137,6 +137,11 @@ UNARY = {  # name: (op, extra args, kwargs, domain)
     "pow0.5": ("pow.Tensor_Scalar", (0.5,), {}, "positive"),
     "pow1.7": ("pow.Tensor_Scalar", (1.7,), {}, "positive"),
     "relu": ("relu.default", (), {}, "any"),
+    "reciprocal": ("reciprocal.default", (), {}, "away_from_zero"),
+    "sin": ("sin.default", (), {}, "any"),
+    "cos": ("cos.default", (), {}, "any"),
+    "erf": ("erf.default", (), {}, "any"),
+    "logical_not": ("logical_not.default", (), {}, "small_ints"),
     "sigmoid": ("sigmoid.default", (), {}, "any"),
     "tanh": ("tanh.default", (), {}, "any"),
     "silu": ("silu.default", (), {}, "any"),
@@ -167,6 +172,10 @@ BINARY = {
     "mul": ("mul.Tensor", {}, "any"),
     "div": ("div.Tensor", {}, "away_from_zero"),
     "clamp-tensor-min": ("clamp.Tensor", {}, "any"),
+    "maximum": ("maximum.default", {}, "any"),
+    "minimum": ("minimum.default", {}, "any"),
+    "logical_and": ("logical_and.default", {}, "small_ints"),
+    "logical_or": ("logical_or.default", {}, "small_ints"),
 }
 for _cmp in ("lt", "gt", "le", "ge", "eq", "ne"):
     UNARY[f"{_cmp}-scalar"] = (f"{_cmp}.Scalar", (1,), {}, "small_ints")
@@ -327,7 +336,7 @@ def test_kernels_are_cached_by_source():
 @pytest.mark.parametrize(
     ("program", "message"),
     [
-        ({"inputs": 1, "steps": [("exp.default", ("%0",), {}), ("sin.default", ("%1",), {})], "outputs": [2]}, "aten.sin.default"),
+        ({"inputs": 1, "steps": [("exp.default", ("%0",), {}), ("atan.default", ("%1",), {})], "outputs": [2]}, "aten.atan.default"),
         ({"inputs": 1, "steps": [("dropout.default", ("%0", 0.1, True), {})], "outputs": [1]}, "dropout in training mode"),
         ({"inputs": 2, "steps": [("pow.Tensor_Tensor", ("%0", "%1"), {})], "outputs": [2]}, "aten.pow.Tensor_Tensor"),
     ],

@@ -406,7 +406,7 @@ def test_inputs_the_template_cannot_index_are_refused_before_launch(program, inp
 @pytest.mark.parametrize(
     ("program", "message"),
     [
-        ({"inputs": 2, "steps": [("mm.default", ("%0", "%1"), {}), ("sin.default", ("%2",), {})], "outputs": [3]}, "aten.sin.default"),
+        ({"inputs": 2, "steps": [("mm.default", ("%0", "%1"), {}), ("atan.default", ("%2",), {})], "outputs": [3]}, "aten.atan.default"),
         ({"inputs": 1, "steps": [("relu.default", ("%0",), {})], "outputs": [1]}, "not a matmul head"),
         (
             {"inputs": 2, "steps": [("mm.default", ("%0", "%1"), {}), ("t.default", ("%2",), {}), ("relu.default", ("%3",), {})], "outputs": [4]},
