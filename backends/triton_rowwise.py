@@ -43,6 +43,7 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import sympy
 import torch
 import triton
 from torch.fx import GraphModule, Node
@@ -248,6 +249,8 @@ def _classify(kernel: KernelRegion, shapes: dict[Node, Any]) -> tuple[dict[Node,
         raise NotLowerable("a reduction of a 0-d tensor")
     row_shape, cols = anchor_shape[:-1], anchor_shape[-1]
     rows = math.prod(row_shape)
+    if not sympy.sympify(cols).is_number:
+        raise NotLowerable(f"rows of symbolic length {cols}")
     if cols == 0 or cols > MAX_BLOCK_C:
         raise NotLowerable(f"rows of {cols} elements (the template holds 1 to {MAX_BLOCK_C} per row)")
 
@@ -301,6 +304,12 @@ def _namer() -> Callable[[str], str]:
     return fresh
 
 
+def _size(size: int | torch.SymInt) -> int | sympy.Expr:
+    """A size, a symbolic one as its sympy expression: symbolic sizes (a dynamic batch, or a
+    data-dependent packed token count with no example value) then compare structurally, never guessed."""
+    return size.node.expr if isinstance(size, torch.SymInt) else size
+
+
 class _RowKernel:
     """A region's kernel graph, with which values are full (from the capture's shapes) and the source."""
 
@@ -317,7 +326,7 @@ class _RowKernel:
         vals = {n: region_node.meta.get("val") for n, region_node in self.region_node.items()}
         if not all(isinstance(v, torch.Tensor) for v in vals.values()):
             raise NotLowerable("the region's values have no shapes (meta['val'])")
-        self.full, _, _ = self._classify(vals)  # symbolic sizes classify by their example values
+        self.full, _, _ = self._classify(vals)
         self.source = self._generate()
 
     def _classify(self, values: dict[Node, torch.Tensor]) -> tuple[dict[Node, bool], list[int], int]:
@@ -325,7 +334,7 @@ class _RowKernel:
             dtype = values[_anchor_input(anchor)].dtype
             if not (dtype.is_floating_point or dtype == torch.bool):
                 raise NotLowerable(f"{anchor.name} of a {dtype} tensor (the kernel computes in fp32)")
-        return _classify(self.kernel, {n: [int(size) for size in v.shape] for n, v in values.items()})
+        return _classify(self.kernel, {n: [_size(size) for size in v.shape] for n, v in values.items()})
 
     def operand_layout(self, placeholder: Node) -> tuple[bool, bool]:
         """``(full, reduced)``: whether the operand is loaded as full rows, and whether it is the
