@@ -49,7 +49,7 @@ class Rank5(nn.Module):
 
 
 torch.manual_seed(0)
-EXACT = ["canonicalize", "fold_batchnorm", "layernorm_to_rmsnorm"]
+EXACT = ["canonicalize", "fold_batchnorm", "layernorm_to_rmsnorm"]  # remove_padding: minilm-packed
 minilm = zoo.load("minilm")
 sentences = zoo.tokenize(minilm.tokenizer, zoo.real_sentences(2), max_length=8)
 gpt2, vit, preln = zoo.load("gpt2-tiny"), zoo.load("vit-s", image_size=32, num_hidden_layers=1), zoo.load("preln-tiny")
@@ -60,6 +60,7 @@ cases = {
     "gpt2-tiny": (gpt2.model, (torch.randint(0, 1000, (1, 8)),), EXACT),
     "vit-s": (vit.model, (torch.randn(1, 3, 32, 32),), EXACT),
     "minilm": (minilm.model, sentences, EXACT),
+    "minilm-packed": (minilm.model, zoo.tokenize(minilm.tokenizer, ["A cat.", "Graphs are rewritten, then lowered to kernels.", "Hi"]), ["canonicalize", "remove_padding"]),
 }
 summary = {}
 for name, (model, inputs, passes) in cases.items():
@@ -116,6 +117,17 @@ def test_zoo_models_lower_every_region_the_templates_cover(interpreted):
     # What stays ATen, and why, is a short list: ops with no rule and views with no flat-index form.
     reasons = {reason for model in ("preln-tiny", "gpt2-tiny", "vit-s", "minilm") for reason in interpreted[model]["left_to_aten"].values()}
     assert all("no Triton lowering" in r or "no flat-index form" in r or "elements" in r for r in reasons), reasons
+
+
+def test_packed_minilm_runs_its_token_wise_regions_as_kernels(interpreted):
+    # After remove_padding the token count is data-dependent: the kernels take it at each call,
+    # and attention is graphopt::varlen_attention (its CUDA kernel is the varlen Triton template).
+    packed = interpreted["minilm-packed"]
+    assert packed["error"] < 1e-4, packed["backend_check"]
+    kinds = sorted(packed["kinds"].values())
+    assert kinds.count("matmul_epilogue") == 18 and kinds.count("norm") >= 12
+    assert "graphopt.varlen_attention.default" in packed["aten_calls"]
+    assert not any("scaled_dot_product_attention" in call for call in packed["aten_calls"])
 
 
 def test_launcher_refusing_the_example_shapes_falls_back_to_aten(interpreted):
