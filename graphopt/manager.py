@@ -6,16 +6,21 @@ For every pass, in an order that satisfies its ``requires`` / ``after`` constrai
 2. run it on a clone of the graph (tensors shared, never edited in place);
 3. lint, eliminate dead code and unused constants, recompile, re-propagate ``meta["val"]``;
 4. run the new graph on the example inputs and compare with the outputs before the pass, under the
-   pass's budget (:class:`graphopt.verify.Exact` for exact passes);
+   pass's budget (:class:`graphopt.verify.Exact` for exact passes), at the output positions the
+   pass declares (``output_masks``) that every earlier pass declared too;
 5. keep the clone, or drop it (rollback) and record why; with ``strict=True`` raise instead.
 
 Each pass is checked against the graph just before it, so an approximate pass's error is not
-charged to the exact passes after it; ``Report.final`` holds the end-to-end comparison.
+charged to the exact passes after it; ``Report.final`` holds the end-to-end comparison, at the
+positions every applied pass declared meaningful (the intersection of their masks: a position one
+pass made meaningless, like a pad token, stays so). The records' FLOPs are counted on the example
+inputs, data-dependent sizes included (:func:`graphopt.flops.count_flops`).
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 import networkx as nx
@@ -27,7 +32,7 @@ from graphopt.capture import one_line
 from graphopt.flops import count_flops, param_bytes
 from graphopt.pass_base import Pass, PassContext, PassResult, get_pass, make_pass
 from graphopt.report import APPLIED, NOT_APPLICABLE, ROLLED_BACK, UNCHANGED, PassRecord, Report
-from graphopt.verify import Exact, compare
+from graphopt.verify import Exact, compare, intersect_masks, resolve_masks
 
 __all__ = ["PassFailedError", "PassManager", "PassOrderError", "order_passes", "run_graph"]
 
@@ -120,22 +125,25 @@ class PassManager:
         report = report or Report()
         args, kwargs = tuple(example_inputs), dict(example_kwargs or {})
         original = run_graph(gm, args, kwargs)
+        count_flops(gm, args, kwargs)  # records the example's data-dependent sizes, if any
         current, reference = gm, original
+        compared = _Compared()
         state: dict[str, Any] = {}
         for p in self.passes:
-            current, reference = self._run_one(p, current, reference, args, kwargs, state, report)
+            current, reference, compared = self._run_one(p, current, reference, compared, args, kwargs, state, report)
         if self.verify and report.records:
-            final = compare(run_graph(current, args, kwargs), original, Exact())
-            report.final.setdefault("error vs original", f"{final.metric} {final.value:.2e}")
+            final = compare(run_graph(current, args, kwargs), original, Exact(), compared.masks)
+            where = f" (at the output positions declared by {', '.join(compared.declared_by)})" if compared.declared_by else ""
+            report.final.setdefault("error vs original", f"{final.metric} {final.value:.2e}{where}")
         return current, report
 
-    def _run_one(self, p: Pass, gm, reference, args, kwargs, state, report) -> tuple[GraphModule, Any]:
-        after, reference = self._attempt(p, gm, reference, args, kwargs, state, report)
+    def _run_one(self, p: Pass, gm, reference, compared, args, kwargs, state, report) -> tuple[GraphModule, Any, _Compared]:
+        after, reference, compared = self._attempt(p, gm, reference, compared, args, kwargs, state, report)
         for observer in self.observers:
             observer(report.records[-1], gm, after)
-        return after, reference
+        return after, reference, compared
 
-    def _attempt(self, p: Pass, gm, reference, args, kwargs, state, report) -> tuple[GraphModule, Any]:
+    def _attempt(self, p: Pass, gm, reference, compared, args, kwargs, state, report) -> tuple[GraphModule, Any, _Compared]:
         record = PassRecord(
             name=p.name,
             exact=p.exact,
@@ -156,10 +164,11 @@ class PassManager:
             record.reason = reason or "not applicable"
             record.seconds = time.perf_counter() - start
             self.log(f"[{p.name}] not applicable: {record.reason}")
-            return gm, reference
+            return gm, reference, compared
         work = ir.clone_graph_module(gm)
         ctx = PassContext(example_inputs=args, example_kwargs=kwargs, reference=reference, log=self.log, state=state)
         self.log(f"[{p.name}] running")
+        narrowed = compared
         try:
             result = p.run(work, ctx)
             result = result if isinstance(result, PassResult) else PassResult(changed=bool(result))
@@ -167,12 +176,13 @@ class PassManager:
             if not result.changed:
                 record.status, record.reason = UNCHANGED, result.message
                 record.seconds = time.perf_counter() - start
-                return gm, reference
+                return gm, reference, compared
             ir.cleanup(work)
             ir.propagate_shapes(work, list(args))
             outputs = run_graph(work, args, kwargs)
             if self.verify:
-                check = compare(outputs, reference, p.budget, p.output_masks(reference, ctx))
+                narrowed = compared.narrowed(p, reference, ctx)
+                check = compare(outputs, reference, p.budget, narrowed.masks)
                 record.metric, record.error = check.metric, check.value
                 if not check.ok:
                     raise _VerificationFailed(f"verification failed: {check}")
@@ -183,13 +193,33 @@ class PassManager:
             self.log(f"[{p.name}] rolled back: {record.reason}")
             if self.strict:
                 raise PassFailedError(f"pass {p.name!r} {record.reason}") from e
-            return gm, reference
+            return gm, reference, compared
         record.status, record.reason = APPLIED, result.message
         record.seconds = time.perf_counter() - start
-        record.nodes_after, record.param_bytes_after, record.flops_after = _op_count(work), param_bytes(work), count_flops(work)
+        record.nodes_after, record.param_bytes_after, record.flops_after = _op_count(work), param_bytes(work), count_flops(work, args, kwargs)
         self.log(f"[{p.name}] applied ({record.nodes_before} -> {record.nodes_after} ops)")
-        return work, outputs
+        return work, outputs, narrowed
 
 
 class _VerificationFailed(RuntimeError):
     pass
+
+
+@dataclass(frozen=True)
+class _Compared:
+    """The output positions still meaningful after the passes so far, per flat output leaf.
+
+    A pass's ``output_masks`` declares the positions where its output must equal the one before
+    it; elsewhere the values are meaningless by design (the pad tokens of ``remove_padding``).
+    Later passes cannot make such a position meaningful again, so the positions compared after a
+    pipeline are those *every* applied pass compared: the intersection of their masks.
+    """
+
+    masks: list[torch.Tensor | None] | None = None  # None: all positions
+    declared_by: tuple[str, ...] = ()
+
+    def narrowed(self, p: Pass, reference: Any, ctx: PassContext) -> _Compared:
+        declared = resolve_masks(p.output_masks(reference, ctx), reference)
+        if declared is None:
+            return self
+        return _Compared(intersect_masks(self.masks, declared), (*self.declared_by, p.name))

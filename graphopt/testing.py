@@ -9,7 +9,9 @@
         assert_not_applicable(MyPass(), plain_mlp, (x,), reason_contains="no attention")
 
 Both run the pass through the real pass manager (capture, clone, verification), so a test written
-with them checks exactly what ``graphopt.optimize`` will do.
+with them checks exactly what ``graphopt.optimize`` will do. Outputs are compared where the
+pipeline's passes declare them meaningful (their ``output_masks``, intersected over the applied
+passes, evaluated on each input), as the manager's own checks do.
 """
 
 from __future__ import annotations
@@ -21,12 +23,12 @@ import torch
 from graphopt.api import OptimizedModule, optimize
 from graphopt.capture import inference_view
 from graphopt.ir import count_ops, op_name
-from graphopt.manager import run_graph
-from graphopt.pass_base import Pass, make_pass
+from graphopt.manager import order_passes, run_graph
+from graphopt.pass_base import Pass, PassContext, make_pass
 from graphopt.report import APPLIED, NOT_APPLICABLE, PassRecord
-from graphopt.verify import compare
+from graphopt.verify import compare, intersect_masks, resolve_masks
 
-__all__ = ["assert_applies", "assert_not_applicable", "run_pass"]
+__all__ = ["assert_applies", "assert_not_applicable", "declared_masks", "run_pass"]
 
 
 def _name(op: Any) -> str:
@@ -34,10 +36,21 @@ def _name(op: Any) -> str:
 
 
 def run_pass(pass_: str | Pass, model: torch.nn.Module, example_inputs: Sequence[Any], **optimize_kwargs) -> tuple[OptimizedModule, PassRecord]:
-    """Optimize ``model`` with the one pass; returns the optimized module and the pass's record."""
+    """Optimize ``model`` with the one pass (and the passes it requires); returns the optimized
+    module and the pass's record."""
     p = make_pass(pass_)
     opt = optimize(model, [p], tuple(example_inputs), **optimize_kwargs)
     return opt, opt.report.record(p.name)
+
+
+def declared_masks(passes: Sequence[Pass], reference: Any, inputs: Sequence[Any]) -> list[torch.Tensor | None] | None:
+    """Per output leaf, the positions every pass of ``passes`` (which ran) compares on ``inputs``
+    whose original outputs are ``reference``: the intersection of their ``output_masks``."""
+    ctx = PassContext(example_inputs=tuple(inputs), reference=reference)
+    masks = None
+    for p in passes:
+        masks = intersect_masks(masks, resolve_masks(p.output_masks(reference, ctx), reference))
+    return masks
 
 
 def assert_applies(
@@ -52,10 +65,14 @@ def assert_applies(
 ) -> OptimizedModule:
     """Assert the pass applies, removes every op in ``gone``, leaves every op in ``present``, and
     keeps the model's outputs within the pass's budget on the example *and* on ``other_inputs``
-    (inputs the graph never saw, which catches values a rewrite baked in as constants)."""
+    (inputs the graph never saw, which catches values a rewrite baked in as constants), at the
+    output positions the applied passes declare meaningful for each input."""
     p = make_pass(pass_)
-    opt, record = run_pass(p, model, example_inputs, **optimize_kwargs)
+    pipeline = order_passes([p])  # the instances the manager runs, with the passes p requires
+    opt = optimize(model, pipeline, tuple(example_inputs), **optimize_kwargs)
+    record = opt.report.record(p.name)
     assert record.status == APPLIED, f"{p.name} was {record.status}: {record.reason}"
+    applied = [q for q in pipeline if opt.report.record(q.name).status == APPLIED]
     ops = count_ops(opt.graph_module)
     left = {n: ops[n] for n in map(_name, gone) if ops[n]}
     assert not left, f"{p.name} left ops it should remove: {left}"
@@ -64,7 +81,7 @@ def assert_applies(
     for inputs in [tuple(example_inputs), *map(tuple, other_inputs)]:
         with inference_view(model):  # the reference as captured: eval mode, no KV cache
             reference = run_graph(model, inputs)
-        check = compare(run_graph(opt, inputs), reference, p.budget)
+        check = compare(run_graph(opt, inputs), reference, p.budget, declared_masks(applied, reference, inputs))
         assert check.ok, f"{p.name} changed the function: {check}"
     return opt
 

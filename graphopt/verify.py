@@ -19,7 +19,10 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils import _pytree as pytree
 
-__all__ = ["Budget", "Check", "Exact", "MinCosine", "compare", "flat_outputs", "relative_error"]
+__all__ = ["Budget", "Check", "Exact", "MinCosine", "Masks", "compare", "flat_outputs", "intersect_masks", "relative_error", "resolve_masks"]
+
+# per flat output leaf, a boolean tensor broadcastable to it (True: compared) or None (all of it)
+Masks = Sequence[torch.Tensor | None] | Callable[[int, torch.Tensor], torch.Tensor | None] | None
 
 
 @dataclass(frozen=True)
@@ -113,12 +116,27 @@ class MinCosine(Budget):
         return f"approximate (cosine >= {self.threshold:g})"
 
 
-def compare(
-    outputs: Any,
-    reference: Any,
-    budget: Budget,
-    masks: Sequence[torch.Tensor | None] | Callable[[int, torch.Tensor], torch.Tensor | None] | None = None,
-) -> Check:
+def resolve_masks(masks: Masks, reference: Any) -> list[torch.Tensor | None] | None:
+    """``masks`` as one entry per flat leaf of ``reference`` (a mask function is called per leaf)."""
+    if masks is None:
+        return None
+    refs = flat_outputs(reference)
+    if callable(masks):
+        return [masks(i, r) if isinstance(r, torch.Tensor) else None for i, r in enumerate(refs)]
+    masks = list(masks)
+    if len(masks) != len(refs):
+        raise ValueError(f"{len(masks)} masks for {len(refs)} outputs")
+    return masks
+
+
+def intersect_masks(a: Sequence[torch.Tensor | None] | None, b: Sequence[torch.Tensor | None] | None) -> list[torch.Tensor | None] | None:
+    """Per leaf, the positions both selections keep (None keeps everything; masks broadcast)."""
+    if a is None or b is None:
+        return None if a is None and b is None else list(a if b is None else b)
+    return [x if y is None else y if x is None else x.bool() & y.bool() for x, y in zip(a, b, strict=True)]
+
+
+def compare(outputs: Any, reference: Any, budget: Budget, masks: Masks = None) -> Check:
     """Compare two output pytrees under ``budget``.
 
     ``masks`` optionally selects, per flat output leaf, the positions that count (a boolean tensor
@@ -128,6 +146,7 @@ def compare(
     outs, refs = flat_outputs(outputs), flat_outputs(reference)
     if len(outs) != len(refs):
         return Check(False, budget.metric, float("nan"), f"{len(outs)} outputs, expected {len(refs)}")
+    masks = resolve_masks(masks, reference)
     values: list[float] = []
     worst_leaf = 0
     for i, (o, r) in enumerate(zip(outs, refs)):
@@ -138,7 +157,7 @@ def compare(
         if not isinstance(o, torch.Tensor) or tuple(o.shape) != tuple(r.shape):
             got = tuple(o.shape) if isinstance(o, torch.Tensor) else type(o).__name__
             return Check(False, budget.metric, float("nan"), f"output {i}: shape {got}, expected {tuple(r.shape)}")
-        mask = masks(i, r) if callable(masks) else (masks[i] if masks is not None else None)
+        mask = masks[i] if masks is not None else None
         if mask is not None:
             mask = mask.expand_as(r) if mask.shape != r.shape else mask
             o, r = o[mask], r[mask]

@@ -1,5 +1,8 @@
 """graphopt.flops: FLOP rules against hand-computed numbers and torch's FlopCounterMode."""
 
+import warnings
+
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -7,8 +10,10 @@ from torch.export import Dim
 from torch.fx import Graph, GraphModule
 from torch.utils.flop_counter import FlopCounterMode
 
-from graphopt import capture, ir
-from graphopt.flops import count_flops, node_flops, param_bytes, register_flop_rule
+import graphopt
+from graphopt import capture, ir, zoo
+from graphopt.flops import UnknownSizeError, count_flops, node_flops, param_bytes, register_flop_rule
+from graphopt.varlen import cu_seqlens
 from tests_helpers import Fn
 
 
@@ -120,3 +125,75 @@ def test_param_bytes_counts_tied_weights_once():
     assert param_bytes(capture(TiedLM(tie=False), (ids,))) == 2 * 10 * 4 * 4
     half = capture(nn.Linear(8, 16).half(), (torch.randn(2, 8).half(),))
     assert param_bytes(half) == (16 * 8 + 16) * 2
+
+
+class PackedAttention(nn.Module):
+    """pack -> linear -> two-head varlen attention: the layout remove_padding produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+
+    def forward(self, x, mask):
+        packed = torch.ops.graphopt.pack_tokens(x, mask)  # [T, 8], T data-dependent
+        q, k, v = self.qkv(packed).unflatten(-1, (3, 2, 4)).unbind(1)
+        return torch.ops.graphopt.varlen_attention(q, k, v, cu_seqlens(mask))
+
+
+def test_unbacked_sizes_count_at_the_example_runs_values():
+    lengths = [5, 1, 3]
+    mask = (torch.arange(5)[None, :] < torch.tensor(lengths)[:, None]).long()
+    x = torch.randn(3, 5, 8)
+    gm = capture(PackedAttention().eval(), (x, mask))
+    (pack,) = ir.op_nodes(gm, torch.ops.graphopt.pack_tokens.default)
+    assert isinstance(ir.shape_of(pack)[0], torch.SymInt)  # T is unbacked: it has no hint
+    with pytest.raises(UnknownSizeError, match="example inputs"):
+        count_flops(gm)
+    tokens, pairs = sum(lengths), sum(n * n for n in lengths)
+    expected = 2 * tokens * 24 * 8 + 2 * pairs * 2 * (4 + 4)  # qkv linear on T tokens; per-sequence attention
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no deprecated size_hint
+        assert count_flops(gm, (x, mask)) == expected
+        assert count_flops(gm) == expected  # the example run is remembered for this graph
+    other = (torch.arange(5)[None, :] < torch.tensor([5, 5, 5])[:, None]).long()
+    assert count_flops(gm, (x, other)) == 2 * 15 * 24 * 8 + 2 * 75 * 2 * 8  # a new run replaces it
+
+
+def test_varlen_attention_without_offsets_counts_even_lengths():
+    q, k, v = torch.randn(10, 2, 4), torch.randn(10, 2, 4), torch.randn(10, 2, 6)
+    offsets = torch.tensor([0, 7, 10])  # lengths 7 and 3: 58 query-key pairs
+    flops = _flops(torch.ops.graphopt.varlen_attention, q, k, v, offsets, target=torch.ops.graphopt.varlen_attention)
+    assert flops == 2 * (10 * 10 // 2) * 2 * (4 + 6)  # static sizes, offsets never run: T² / B pairs
+
+
+def test_pack_and_unpack_are_free():
+    x, mask = torch.randn(2, 4, 8), torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]])
+    gm = capture(Fn(lambda t, m: torch.ops.graphopt.unpack_tokens(torch.ops.graphopt.pack_tokens(t, m) * 2, m)), (x, mask))
+    assert ir.count_ops(gm)["graphopt.pack_tokens.default"] == 1
+    assert count_flops(gm, (x, mask)) == 0
+
+
+@pytest.fixture(scope="module")
+def minilm_padded_to_128():
+    entry = zoo.load("minilm")
+    ids, mask = zoo.tokenize(entry.tokenizer, zoo.real_sentences(8), pad_to=128)
+    optimized = graphopt.optimize(entry.model, ["remove_padding"], (ids, mask), dynamic_shapes=entry.dynamic_shapes)
+    return optimized, mask
+
+
+def _minilm_flops(tokens: int, pairs: int) -> int:
+    """6 layers of hidden 384, 12 heads of 32, FFN 1536: linears per token, attention per query-key pair."""
+    per_token = 2 * (4 * 384 * 384 + 2 * 384 * 1536)
+    per_pair = 2 * 12 * (32 + 32)
+    return 6 * (tokens * per_token + pairs * per_pair)
+
+
+def test_minilm_flops_drop_with_the_padding_removed(minilm_padded_to_128):
+    optimized, mask = minilm_padded_to_128
+    lengths = mask.sum(1).tolist()
+    record = optimized.report.record("remove_padding")
+    assert record.flops_before == _minilm_flops(8 * 128, 8 * 128 * 128)
+    assert record.flops_after == _minilm_flops(sum(lengths), sum(n * n for n in lengths))  # each sentence alone
+    valid = sum(lengths) / mask.numel()
+    assert valid < 0.25 and record.flops_before / record.flops_after > 0.9 / valid
+    assert f"{record.flops_before / 1e9:.2f}G → {record.flops_after / 1e9:.2f}G" in str(optimized.report)

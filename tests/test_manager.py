@@ -4,9 +4,11 @@ import pytest
 import torch
 
 import graphopt
-from graphopt import ir
+import tests_helpers
+from graphopt import ir, zoo
 from graphopt.manager import PassManager, PassOrderError, order_passes
 from graphopt.report import APPLIED, NOT_APPLICABLE, ROLLED_BACK, UNCHANGED
+from graphopt.verify import Exact, compare
 from tests_helpers import DoubleReluPass as DoubleRelu
 
 
@@ -164,3 +166,97 @@ def test_approximate_pass_without_budget_cannot_register():
 def test_unknown_pass_name_suggests():
     with pytest.raises(graphopt.UnknownPassError, match="unknown pass 'no_such_pass'"):
         graphopt.get_pass("no_such_pass")
+
+
+class SpoilRow(graphopt.Pass):
+    """Adds 1 to row ``row`` of the [4, 3] output; declares the rows in ``compares`` (None: all)."""
+
+    row: int = 0
+    compares: tuple[int, ...] | None = None
+
+    def run(self, gm, ctx):
+        output = gm.graph.output_node()
+        (result,) = output.args[0]
+        delta = torch.zeros(4, 3)
+        delta[self.row] = 1.0
+        with gm.graph.inserting_before(output):
+            spoiled = gm.graph.call_function(torch.ops.aten.add.Tensor, (result, ir.add_constant(gm, delta, "delta", before=output)))
+        output.replace_input_with(result, spoiled)
+        return True
+
+    def output_masks(self, reference, ctx):
+        if self.compares is None:
+            return None
+        rows = torch.zeros(4, 1, dtype=torch.bool)
+        rows[list(self.compares)] = True
+        return [rows]
+
+
+def _spoiler(name, row, compares):
+    return type(name, (SpoilRow,), {"name": name, "row": row, "compares": compares})()
+
+
+def _doubling():
+    x = torch.randn(4, 3)
+    return graphopt.capture(tests_helpers.Fn(lambda t: t * 2), (x,)), (x,)
+
+
+def test_positions_compared_are_those_every_pass_declares():
+    gm, args = _doubling()
+    first, second = _spoiler("spoil_row_0", 0, (1, 2, 3)), _spoiler("spoil_row_3", 3, (0, 1, 2))
+    new, report = PassManager([first, second], strict=True).run(gm, args)
+    assert [r.error for r in report.records] == [0.0, 0.0]
+    assert (new(*args) - gm(*args)).abs().amax(1).gt(0.5).tolist() == [True, False, False, True]  # rows both passes spoiled
+    # end to end, only rows 1 and 2 are meaningful: row 0 is not compared again after the second pass
+    assert report.final["error vs original"] == "rel_err 0.00e+00 (at the output positions declared by spoil_row_0, spoil_row_3)"
+
+
+def test_a_later_pass_may_change_positions_an_earlier_pass_made_meaningless():
+    gm, args = _doubling()
+    undeclared = _spoiler("spoil_row_0_again", 0, None)  # compares everything it is asked to
+    _, alone = PassManager([undeclared]).run(gm, args)
+    assert alone.records[0].status == ROLLED_BACK
+    _, after_first = PassManager([_spoiler("spoil_row_0", 0, (1, 2, 3)), _spoiler("spoil_row_0_again", 0, None)]).run(gm, args)
+    assert [r.status for r in after_first.records] == [APPLIED, APPLIED]
+    assert after_first.final["error vs original"].startswith("rel_err 0.00e+00")
+
+
+class TokenStates(torch.nn.Module):
+    """A BERT encoder's per-token outputs (last hidden states, pads included)."""
+
+    def __init__(self, bert):
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, input_ids, attention_mask):
+        return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def _end_to_end(report) -> float:
+    return float(report.final["error vs original"].split()[1])
+
+
+def test_end_to_end_error_of_minilm_token_states_on_real_sentences():
+    entry = zoo.load("minilm")
+    ids, mask = zoo.tokenize(entry.tokenizer, zoo.real_sentences(8))  # padded to the longest
+    model = TokenStates(entry.model.bert).eval()
+    optimized = graphopt.optimize(model, ["remove_padding"], (ids, mask), dynamic_shapes=entry.dynamic_shapes)
+    assert optimized.report.applied == ["canonicalize", "remove_padding"]
+    assert _end_to_end(optimized.report) < 1e-5 and "declared by remove_padding" in optimized.report.final["error vs original"]
+    with torch.no_grad():
+        out, ref = optimized(ids, mask), model(ids, mask)
+    assert not compare(out, ref, Exact()).ok  # pad positions differ: comparing them would fail
+    assert torch.all(out[mask == 0] == 0)
+
+
+def test_end_to_end_error_of_a_tiny_bert_with_per_token_outputs():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64, vocab_size=50, attn_implementation="eager")
+    model = TokenStates(BertModel(config).eval()).eval()
+    mask = (torch.arange(7)[None, :] < torch.tensor([7, 2, 5])[:, None]).long()
+    ids = torch.randint(1, 50, (3, 7)) * mask
+    _, report = PassManager(["canonicalize", "remove_padding"]).run(graphopt.capture(model, (ids, mask)), (ids, mask))
+    assert [r.status for r in report.records] == [APPLIED, APPLIED]
+    assert _end_to_end(report) < 1e-5

@@ -2,9 +2,10 @@
 
 import math
 
+import pytest
 import torch
 
-from graphopt.verify import Exact, MinCosine, compare, relative_error
+from graphopt.verify import Exact, MinCosine, compare, intersect_masks, relative_error, resolve_masks
 
 
 def test_relative_error_is_relative_to_output_scale():
@@ -57,3 +58,19 @@ def test_masks_restrict_the_comparison():
     assert not compare(out, ref, Exact()).ok
     assert compare(out, ref, Exact(), masks=[valid]).ok
     assert compare(out, ref, Exact(), masks=lambda i, r: valid).ok
+
+
+def test_intersect_masks_keeps_positions_both_compare():
+    rows = torch.tensor([True, True, False])[:, None]  # [3, 1]
+    cols = torch.tensor([True, False])[None, :]  # [1, 2]
+    both = intersect_masks([rows, None], [cols, None])
+    assert both[1] is None and both[0].tolist() == [[True, False], [True, False], [False, False]]
+    assert intersect_masks(None, [rows, None])[0] is rows and intersect_masks(None, None) is None
+
+
+def test_resolve_masks_calls_a_mask_function_per_tensor_leaf():
+    ref = (torch.zeros(2, 3), 7)
+    resolved = resolve_masks(lambda i, r: r.new_ones(r.shape[0], 1, dtype=torch.bool), ref)
+    assert resolved[0].shape == (2, 1) and resolved[1] is None
+    with pytest.raises(ValueError, match="1 masks for 2 outputs"):
+        resolve_masks([None], ref)
