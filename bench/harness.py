@@ -74,12 +74,60 @@ def eager() -> Config:
     return Config("eager", build)
 
 
-def inductor() -> Config:
+def inductor(dynamic: bool | None = False) -> Config:
+    """``torch.compile`` with inductor; ``dynamic=None`` is torch's default (static first, then
+    one dynamic recompile), for batches of varying shapes."""
+
     def build(model, example):
         gm = graphopt.capture(model, example)
-        return Built(torch.compile(model, backend="inductor", dynamic=False), **_graph_stats(gm))
+        return Built(torch.compile(model, backend="inductor", dynamic=dynamic), **_graph_stats(gm))
 
     return Config("inductor", build)
+
+
+def torchao_int8(dynamic: bool | None = False) -> Config:
+    """torchao dynamic int8 activations + int8 weights on every ``nn.Linear`` (a copy of the model),
+    compiled with inductor, which is what generates torchao's fused int8 CPU code."""
+
+    def build(model, example):
+        import copy
+
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+        quantized = copy.deepcopy(model)
+        quantize_(quantized, Int8DynamicActivationInt8WeightConfig())
+        return Built(torch.compile(quantized, backend="inductor", dynamic=dynamic))
+
+    return Config("torchao int8 + inductor", build)
+
+
+def onnxruntime_cpu(dynamic_shapes: Any = None) -> Config:
+    """The model exported by ``torch.onnx.export`` (the dynamo exporter) and run by onnxruntime's
+    CPUExecutionProvider with default graph optimizations and torch's thread count; outputs come
+    back as torch tensors. ``dynamic_shapes`` is a ``torch.export`` spec for inputs of varying shapes."""
+
+    def build(model, example):
+        import tempfile
+
+        import onnxruntime
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model.onnx"
+            program = torch.onnx.export(model, tuple(example), dynamo=True, dynamic_shapes=dynamic_shapes, verbose=False)
+            program.save(str(path))
+            options = onnxruntime.SessionOptions()
+            options.intra_op_num_threads = torch.get_num_threads()
+            options.inter_op_num_threads = 1
+            session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        input_names = [i.name for i in session.get_inputs()]
+
+        def run(*inputs):
+            outputs = [torch.from_numpy(o) for o in session.run(None, {name: x.numpy() for name, x in zip(input_names, inputs)})]
+            return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+        return Built(run)
+
+    return Config("onnxruntime (CPU)", build)
 
 
 def graphopt_pipeline(passes: Sequence[str], backend: str = "eager", name: str | None = None, **optimize_kwargs) -> Config:
