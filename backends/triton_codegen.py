@@ -275,9 +275,10 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def load_kernel(source: str, name: str, gpu_configs: list[triton.Config], autotune_key: list[str]) -> Any:
+def load_kernel(source: str, name: str, gpu_configs: list[triton.Config], autotune_key: list[str], prune: Callable | None = None) -> Any:
     """The ``@triton.jit`` function ``name`` defined by ``source``, cached by a hash of the source
-    and its launch configuration; on a GPU wrapped in ``triton.autotune(gpu_configs, autotune_key)``.
+    and its launch configuration; on a GPU wrapped in ``triton.autotune(gpu_configs, autotune_key)``
+    (``prune(configs, named_args, **kwargs) -> configs``: its ``early_config_prune``).
 
     It is written to a file and imported, since ``triton.jit`` reads its function's source file.
     Under the interpreter the caller passes fixed block sizes at launch instead of autotuning.
@@ -297,7 +298,8 @@ def load_kernel(source: str, name: str, gpu_configs: list[triton.Config], autotu
         spec.loader.exec_module(module)
         kernel = getattr(module, name)
         if not interpreting:
-            kernel = triton.autotune(configs=gpu_configs, key=autotune_key)(kernel)
+            prune_configs_by = {"early_config_prune": prune} if prune else None
+            kernel = triton.autotune(configs=gpu_configs, key=autotune_key, prune_configs_by=prune_configs_by)(kernel)
         _KERNELS[key] = kernel
     return _KERNELS[key]
 

@@ -261,7 +261,25 @@ def _load_kernel(source: str) -> Any:
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": GPU_GROUP_M}, num_warps=warps, num_stages=stages)
         for m, n, k, warps, stages in GPU_CONFIGS
     ]
-    return load_kernel(source, "matmul_epilogue_kernel", configs, ["M", "N", "K"])
+    return load_kernel(source, "matmul_epilogue_kernel", configs, ["M", "N", "K"], prune=_fits_shared_memory)
+
+
+def _fits_shared_memory(configs: list[triton.Config], named_args: dict, **kwargs: Any) -> list[triton.Config]:
+    """The configs whose pipelined ``A`` and ``B`` tiles fit the device's shared memory.
+
+    The largest tile is for fp16/bf16; fp32 operands take twice the bytes and overflow it (on
+    sm_80 even without TF32), which the GPU compile test found ahead of time.
+    """
+    a = named_args["a_ptr"]
+    limit = triton.runtime.driver.active.utils.get_device_properties(a.device.index or 0)["max_shared_mem"]
+    return configs_fitting(configs, a.element_size(), limit)
+
+
+def configs_fitting(configs: list[triton.Config], element_size: int, shared_memory: int) -> list[triton.Config]:
+    """The configs whose ``num_stages`` buffers of an ``A`` and a ``B`` tile of ``element_size``
+    bytes fit ``shared_memory`` bytes (at least the smallest config)."""
+    fits = [c for c in configs if (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * element_size * c.num_stages <= shared_memory]
+    return fits or configs[-1:]
 
 
 def compile_matmul_region(region: GraphModule) -> Callable[..., Any]:

@@ -14,6 +14,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -417,3 +418,12 @@ def test_inputs_the_template_cannot_index_are_refused_before_launch(program, inp
 def test_regions_outside_the_template_are_not_lowerable(program, message):
     with pytest.raises(NotLowerable, match=message):
         matmul_region_source(build(program))
+
+
+def test_gpu_configs_that_overflow_shared_memory_are_pruned():
+    # The largest tile fits fp16 operands but not fp32 ones on an A100 (163 KiB of shared memory),
+    # as the ahead-of-time GPU compile test found.
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st) for m, n, k, w, st in triton_matmul.GPU_CONFIGS]
+    assert triton_matmul.configs_fitting(configs, 2, 166912) == configs
+    fp32 = triton_matmul.configs_fitting(configs, 4, 166912)
+    assert fp32 == configs[1:] and triton_matmul.configs_fitting(configs, 4, 1) == configs[-1:]
