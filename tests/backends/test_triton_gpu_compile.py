@@ -135,7 +135,7 @@ def recording() -> Iterator[Recording]:
     record = Recording()
     load_autotuned = triton_codegen.load_kernel
 
-    def load_kernel(source, name, gpu_configs, autotune_key):
+    def load_kernel(source, name, gpu_configs, autotune_key, prune=None):
         tuner = load_autotuned(source, name, gpu_configs, autotune_key)
         return _Recorder(tuner.fn, list(tuner.configs), record)
 
@@ -409,7 +409,8 @@ def test_model_region_kernels_compile(model):
 SHARED_MEMORY_OVERFLOW = pytest.mark.xfail(
     strict=True,
     raises=AssertionError,
-    reason="the largest matmul config (128x256x64 tiles, 3 stages) stages fp32 operands in more shared memory than the GPU has",
+    reason="the largest matmul config (128x256x64 tiles, 3 stages) stages fp32 operands in more shared memory than the GPU has; "
+    "the autotuner prunes it at run time (triton_matmul.configs_fitting)",
 )
 
 CASES = [
