@@ -323,6 +323,8 @@ def cmd_demo(args) -> int:
         name="zoo:minilm",
     )
     print(optimized.report)
+    ids, mask = entry.example_inputs
+    print(f"(ops, FLOPs and errors above: the example batch, {ids.shape[0]} sentences x {ids.shape[1]} tokens, {mask.float().mean().item():.0%} real tokens)")
 
     sentences = zoo.real_sentences(64)
     batches = [zoo.tokenize(entry.tokenizer, sentences[i : i + args.batch]) for i in range(0, len(sentences), args.batch)]
