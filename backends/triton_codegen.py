@@ -39,7 +39,7 @@ from torch.fx import GraphModule, Node
 from graphopt.backends.triton_region import KernelRegion, NotLowerable
 from graphopt.ir import aten, normalized_args
 
-__all__ = ["LOWERINGS", "MAX_RANK", "NotLowerable", "compile_region", "interpreted", "load_kernel", "lower_node", "region_source"]
+__all__ = ["LOWERINGS", "MAX_RANK", "NotLowerable", "compile_region", "collapse_dims", "interpreted", "load_kernel", "lower_node", "region_source", "unravel"]
 
 MAX_RANK = 4
 """Dimensions the kernel indexes, after size-1 dimensions are dropped and contiguous ones merged."""
@@ -213,6 +213,16 @@ _RESERVED_PATTERN = r"(size|i|rest|out)\d+|.*_ptr|.*_stride\d+"
 """Kernel-local names a node's name must not take (it gets a trailing underscore instead)."""
 
 
+def unravel(flat: str, rank: int) -> list[str]:
+    """Kernel lines splitting the row-major index ``flat`` into coordinates ``i0 .. i{rank-1}`` over
+    the sizes ``size1 .. size{rank-1}`` (kernel arguments; the leading size is never needed)."""
+    lines, inner = [], flat
+    for d in reversed(range(1, rank)):
+        lines += [f"    i{d} = {inner} % size{d}", f"    rest{d} = {inner} // size{d}"]
+        inner = f"rest{d}"
+    return [*lines, f"    i0 = {inner}"]
+
+
 def _generate(gm: GraphModule) -> str:
     """The kernel of a :attr:`KernelRegion.kernel_graph`: its placeholders are the operands, all
     of the output's shape (any strides), its output the tuple of values to store."""
@@ -236,12 +246,7 @@ def _generate(gm: GraphModule) -> str:
         "    mask = offsets < n_elements",
         f"    # Coordinates of each output element, row-major over the {MAX_RANK}-D output.",
     ]
-    inner = "offsets"
-    for d in reversed(dims[1:]):
-        lines.append(f"    i{d} = {inner} % size{d}")
-        lines.append(f"    rest{d} = {inner} // size{d}")
-        inner = f"rest{d}"
-    lines.append(f"    i0 = {inner}")
+    lines += unravel("offsets", MAX_RANK)
     lines.append("    # Each input read through its own strides (0 along broadcast dimensions), computed in fp32.")
     for p in placeholders:
         index = " + ".join(f"i{d} * {names[p]}_stride{d}" for d in dims)
@@ -309,7 +314,7 @@ def _load_kernel(source: str) -> Any:
     return load_kernel(source, "fused_pointwise_kernel", configs, ["n_elements"])
 
 
-def _collapse(shape: list[int], strides: list[list[int]]) -> tuple[list[int], list[list[int]]]:
+def collapse_dims(shape: list[int], strides: list[list[int]]) -> tuple[list[int], list[list[int]]]:
     """Drop size-1 dimensions and merge neighbours every operand walks as one (``stride[d] == stride[d+1] * size[d+1]``)."""
     kept = [d for d, size in enumerate(shape) if size != 1]
     sizes, merged = [shape[d] for d in kept], [[s[d] for d in kept] for s in strides]
@@ -346,7 +351,7 @@ def compile_region(gm: GraphModule) -> Callable[..., Any]:
         device = next((t.device for t in operands), None) or next(t.device for t in inputs if isinstance(t, torch.Tensor))
         results = [torch.empty(shape, dtype=values[region.original[node]].dtype, device=device) for node in computed]
         if n_elements:
-            sizes, strides = _collapse(list(shape), [list(t.stride()) for t in operands] + [list(results[0].stride())])
+            sizes, strides = collapse_dims(list(shape), [list(t.stride()) for t in operands] + [list(results[0].stride())])
             if len(sizes) > MAX_RANK:
                 raise NotLowerable(f"the output {tuple(shape)} does not collapse to {MAX_RANK} dimensions")
             pad = MAX_RANK - len(sizes)

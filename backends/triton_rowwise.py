@@ -48,7 +48,7 @@ import torch
 import triton
 from torch.fx import GraphModule, Node
 
-from graphopt.backends.triton_codegen import LOWERINGS, NotLowerable, _collapse, interpreted, load_kernel, lower_node
+from graphopt.backends.triton_codegen import LOWERINGS, NotLowerable, collapse_dims, interpreted, load_kernel, lower_node, unravel
 from graphopt.backends.triton_region import KernelRegion
 from graphopt.ir import aten, normalized_args
 
@@ -363,11 +363,7 @@ class _RowKernel:
             "    mask = row_mask & (cols < n_cols)",
             f"    # Coordinates of each row over the {ROW_RANK} row dims.",
         ]
-        inner = "rows"
-        for d in reversed(dims[1:]):
-            lines += [f"    i{d} = {inner} % size{d}", f"    rest{d} = {inner} // size{d}"]
-            inner = f"rest{d}"
-        lines.append(f"    i0 = {inner}")
+        lines += unravel("rows", ROW_RANK)
         lines.append("    # Operands through their strides: full rows as [BLOCK_R, BLOCK_C] tiles, per-row values as [BLOCK_R, 1].")
         for p in self.placeholders:
             offset = " + ".join(f"i{d} * {names[p]}_stride{d}" for d in dims)
@@ -408,7 +404,7 @@ class _RowKernel:
             shape = [*row_shape, cols] if is_full else row_shape
             operands.append(values[operand.source].reshape(shape) if reduced else self.kernel.operand_tensor(values, operand, shape))
         row_strides = [list(t.stride()[: len(row_shape)]) for t in operands]
-        sizes, strides = _collapse(list(row_shape), row_strides)
+        sizes, strides = collapse_dims(list(row_shape), row_strides)
         if len(sizes) > ROW_RANK:
             raise NotLowerable(f"rows {tuple(row_shape)} do not collapse to {ROW_RANK} dims")
         pad = ROW_RANK - len(sizes)

@@ -7,60 +7,32 @@ A region is described by a *program* (``{"inputs": n, "steps": [(op, args, kwarg
 fp64 rounded to the output's dtype.
 """
 
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
-from torch.fx import Graph, GraphModule
+
+from aten_programs import build, reference
 
 from graphopt.backends import triton_codegen
 from graphopt.backends.triton_codegen import NotLowerable, compile_region, region_source
-from graphopt.ir import aten, count_ops
+from graphopt.ir import count_ops
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TOLERANCES = {torch.float32: (1e-4, 1e-5), torch.float16: (2e-3, 1e-3), torch.bfloat16: (1.6e-2, 1e-2)}  # (rtol, atol)
 
 
-def build(program: dict) -> GraphModule:
-    """The region a program describes (``"torch.<dtype>"`` strings become dtypes)."""
-    graph = Graph()
-    values = [graph.placeholder(f"x{k}") for k in range(program["inputs"])]
-
-    def resolve(arg):
-        if isinstance(arg, str) and arg.startswith("%"):
-            return values[int(arg[1:])]
-        if isinstance(arg, str) and arg.startswith("torch."):
-            return getattr(torch, arg[len("torch.") :])
-        return arg
-
-    for op, args, kwargs in program["steps"]:
-        packet, overload = op.split(".")
-        target = getattr(getattr(aten, packet), overload)
-        values.append(graph.call_function(target, tuple(map(resolve, args)), {k: resolve(v) for k, v in kwargs.items()}))
-    outputs = [values[k] for k in program["outputs"]]
-    graph.output(outputs[0] if len(outputs) == 1 else tuple(outputs))
-    return GraphModule(torch.nn.Module(), graph)
-
-
-def reference(program: dict, inputs: list) -> list:
-    """ATen's result computed in fp64 and rounded to each output's dtype (the kernel computes in fp32)."""
-    gm = build(program)
-    expected = gm(*inputs)
-    wide = gm(*[x.double() if x.is_floating_point() else x for x in inputs])
-    expected, wide = ([expected], [wide]) if isinstance(expected, torch.Tensor) else (expected, wide)
-    return [w.to(e.dtype) for e, w in zip(expected, wide)]
-
-
 _RUN_REGIONS = """
-import importlib.util, sys, torch
-spec = importlib.util.spec_from_file_location("codegen_cases", sys.argv[1])
-cases_module = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(cases_module)
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from aten_programs import build
 from graphopt.backends.triton_codegen import compile_region
 cases = torch.load(sys.argv[2])
 outputs = {}
 for name, (program, inputs) in cases.items():
-    out = compile_region(cases_module.build(program))(*inputs)
+    out = compile_region(build(program))(*inputs)
     outputs[name] = [out] if isinstance(out, torch.Tensor) else list(out)
 torch.save(outputs, sys.argv[3])
 """
@@ -74,14 +46,14 @@ def run_regions(python_interpreted, tmp_path_factory):
     def run(cases):
         inputs, outputs = tmp / "inputs.pt", tmp / "outputs.pt"
         torch.save(cases, inputs)
-        python_interpreted(_RUN_REGIONS, __file__, str(inputs), str(outputs))
+        python_interpreted(_RUN_REGIONS, str(Path(__file__).parent), str(inputs), str(outputs))
         return torch.load(outputs)
 
     return run
 
 
 def assert_matches(program, inputs, outputs):
-    expected = reference(program, inputs)
+    expected = reference(build(program), inputs)
     assert len(outputs) == len(expected)
     for out, ref in zip(outputs, expected):
         assert out.dtype == ref.dtype and out.shape == ref.shape and out.is_contiguous()
@@ -360,8 +332,8 @@ def test_a_permute_of_a_computed_value_is_not_lowerable():
 def test_collapse_merges_dimensions_every_operand_walks_contiguously():
     # [2, 3, 4] with a contiguous operand and one broadcast along dim 0: dims 1 and 2 merge, and
     # the size-1 dim is dropped
-    sizes, strides = triton_codegen._collapse([2, 1, 3, 4], [[12, 12, 4, 1], [0, 0, 4, 1]])
+    sizes, strides = triton_codegen.collapse_dims([2, 1, 3, 4], [[12, 12, 4, 1], [0, 0, 4, 1]])
     assert sizes == [2, 12] and strides == [[12, 1], [0, 1]]
     # a transposed operand keeps its two dimensions
-    sizes, strides = triton_codegen._collapse([3, 5], [[1, 3], [5, 1]])
+    sizes, strides = triton_codegen.collapse_dims([3, 5], [[1, 3], [5, 1]])
     assert sizes == [3, 5] and strides == [[1, 3], [5, 1]]

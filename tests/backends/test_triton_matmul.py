@@ -18,7 +18,9 @@ import triton
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from torch import nn
-from torch.fx import Graph, GraphModule, Interpreter
+from torch.fx import GraphModule, Interpreter
+
+from aten_programs import build, reference
 
 from graphopt.backends import triton_matmul
 from graphopt.backends.partition import fuse_regions
@@ -31,38 +33,9 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TOLERANCES = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1e-2)}  # (rtol, atol)
 
 
-def build(program: dict) -> GraphModule:
-    """The region a program describes (``"torch.<dtype>"`` strings become dtypes)."""
-    graph = Graph()
-    values = [graph.placeholder(f"x{k}") for k in range(program["inputs"])]
-
-    def resolve(arg):
-        if isinstance(arg, str) and arg.startswith("%"):
-            return values[int(arg[1:])]
-        if isinstance(arg, str) and arg.startswith("torch."):
-            return getattr(torch, arg[len("torch.") :])
-        return arg
-
-    for op, args, kwargs in program["steps"]:
-        packet, overload = op.split(".")
-        target = getattr(getattr(aten, packet), overload)
-        values.append(graph.call_function(target, tuple(map(resolve, args)), {k: resolve(v) for k, v in kwargs.items()}))
-    outputs = [values[k] for k in program["outputs"]]
-    graph.output(outputs[0] if len(outputs) == 1 else tuple(outputs))
-    return GraphModule(torch.nn.Module(), graph)
-
-
 def head(op: str, inputs: int, *extra, **kwargs) -> dict:
     """A program holding one head op on all its inputs."""
     return {"inputs": inputs, "steps": [(op, (*[f"%{k}" for k in range(inputs)], *extra), kwargs)], "outputs": [inputs]}
-
-
-def reference(region: GraphModule, inputs: list) -> list:
-    """ATen's result computed in fp64 and rounded to each output's dtype (the kernel accumulates in fp32)."""
-    expected = region(*inputs)
-    wide = region(*[x.double() if x.is_floating_point() else x for x in inputs])
-    expected, wide = ([expected], [wide]) if isinstance(expected, torch.Tensor) else (expected, wide)
-    return [w.to(e.dtype) for e, w in zip(expected, wide)]
 
 
 def assert_matches(region, inputs, outputs):

@@ -14,6 +14,8 @@ from tests_helpers import Fn
 from torch import nn
 from torch.fx import GraphModule, Interpreter, symbolic_trace
 
+from aten_programs import reference
+
 from graphopt.backends import triton_rowwise
 from graphopt.backends.partition import fuse_regions
 from graphopt.backends.triton_codegen import NotLowerable
@@ -48,14 +50,6 @@ def fused_region(module: nn.Module, inputs) -> tuple[GraphModule, list]:
 
     Recorder(fused).run(*inputs)
     return getattr(fused, node.target), seen["inputs"]
-
-
-def reference(region: GraphModule, inputs) -> list:
-    """ATen's result computed in fp64 and rounded to each output's dtype (the kernel computes in fp32)."""
-    expected = region(*inputs)
-    wide = region(*[x.double() if x.is_floating_point() else x for x in inputs])
-    expected, wide = ([expected], [wide]) if isinstance(expected, torch.Tensor) else (expected, wide)
-    return [w.to(e.dtype) for e, w in zip(expected, wide)]
 
 
 def assert_matches(region, inputs, outputs, expected=None):
