@@ -188,9 +188,21 @@ LOWERINGS: dict[Any, Callable[[dict[str, Any]], str]] = {
     aten.to.device: _cast,
     aten.dropout.default: _dropout,
 }
+# Bitwise ops on booleans are logical ops (masks); on integers they stay ATen (see lower_node).
+_AND = LOWERINGS[aten.logical_and.default]
+_OR = LOWERINGS[aten.logical_or.default]
+BOOLEAN_ONLY = {aten.bitwise_and.Tensor, aten.__and__.Tensor, aten.bitwise_or.Tensor, aten.__or__.Tensor, aten.bitwise_not.default}
+LOWERINGS.update(dict.fromkeys([aten.bitwise_and.Tensor, aten.__and__.Tensor], _AND))
+LOWERINGS.update(dict.fromkeys([aten.bitwise_or.Tensor, aten.__or__.Tensor], _OR))
+LOWERINGS[aten.bitwise_not.default] = LOWERINGS[aten.logical_not.default]
 for _name, _operator in {"lt": "<", "gt": ">", "le": "<=", "ge": ">=", "eq": "==", "ne": "!="}.items():
     for _overload in ("Tensor", "Scalar"):
         LOWERINGS[getattr(getattr(aten, _name), _overload)] = _binary(_operator)
+
+
+def _dtype(node: Node) -> torch.dtype | None:
+    val = node.meta.get("val")
+    return val.dtype if isinstance(val, torch.Tensor) else None
 
 
 def lower_node(node: Node, names: dict[Node, str]) -> str:
@@ -199,6 +211,8 @@ def lower_node(node: Node, names: dict[Node, str]) -> str:
     rule = LOWERINGS.get(node.target)
     if rule is None:
         raise NotLowerable(f"no Triton lowering for {node.target}")
+    if node.target in BOOLEAN_ONLY and any(_dtype(a) not in (torch.bool, None) for a in node.all_input_nodes):
+        raise NotLowerable(f"{node.target} of integers (values are computed in fp32: no bits to operate on)")
     args = {key: names[value] if isinstance(value, Node) else value for key, value in normalized_args(node).items()}
     if any(isinstance(value, (list, tuple)) and any(isinstance(v, Node) for v in value) for value in args.values()):
         raise NotLowerable(f"{node.target} takes a list of tensors")

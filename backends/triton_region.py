@@ -9,6 +9,9 @@ taken out of it the way a fusing compiler folds them into index arithmetic:
   they are the identity: the reshaped value *is* the computed one.
 * **Views of region inputs** (any view, ``permute`` and ``expand`` included) run before the kernel,
   in torch, on the real tensors: they cost no copy and leave strides the kernel reads through.
+* An ``expand`` of a computed value is the identity too, in a region with no reshape of a computed
+  value: pointwise ops commute with broadcasting, so the value is computed at every element of
+  the broadcast shape instead (see :meth:`KernelRegion.operand_tensor`).
 * Any other view of a computed value (a ``permute`` or ``slice`` between two pointwise ops) has no
   flat-index form: :class:`NotLowerable`, and the region stays ATen.
 
@@ -89,6 +92,7 @@ class KernelRegion:
     def __init__(self, region: GraphModule):
         self.region = region
         self.has_reshapes = False
+        broadcasts = False
         self._fakes: dict[tuple, dict[Node, Any]] = {}
         computed: dict[Node, Node] = {}  # region node -> the region node holding its elements
         for node in region.graph.nodes:
@@ -99,9 +103,14 @@ class KernelRegion:
             if _is_view(node):
                 source = node.all_input_nodes[0] if node.all_input_nodes else None
                 if source in computed:
-                    self.has_reshapes = True
-                    if node.target.overloadpacket not in RESHAPES:
+                    if node.target.overloadpacket is aten.expand:
+                        broadcasts = True  # pointwise ops commute with broadcasting: see operand_tensor
+                    elif node.target.overloadpacket in RESHAPES:
+                        self.has_reshapes = True
+                    else:
                         raise NotLowerable(f"{node.target} of a computed value has no flat-index form")
+                    if broadcasts and self.has_reshapes:
+                        raise NotLowerable(f"{node.name}: a region both reshaping and expanding computed values")
                     computed[node] = computed[source]
                 continue
             computed[node] = node
@@ -122,6 +131,8 @@ class KernelRegion:
                 key = (value, consumer)
                 if key not in operand_of:
                     operand_of[key] = graph.placeholder(f"operand{len(self.operands)}")
+                    if "val" in value.meta:  # the source's dtype (its shape is the source's, not the operand's)
+                        operand_of[key].meta["val"] = value.meta["val"]
                     self.operands.append(Operand(value, consumer))
                 return operand_of[key]
 
@@ -196,9 +207,19 @@ class KernelRegion:
         return tensor.expand(consumer_shape).expand(target).reshape(shape)
 
     def results(self, values: dict[Node, Any], kernel_outputs: Sequence[torch.Tensor]) -> Any:
-        """The region's outputs from the kernel's (contiguous) ones, each reshaped to its own shape;
-        an input the region returns as it is comes back as it is."""
-        outs = [values[node] if k is None else kernel_outputs[k].view(values[node].shape) for k, node in zip(self.outputs, self.result_nodes)]
+        """The region's outputs from the kernel's (contiguous) ones, each reshaped to its own shape
+        (or expanded to it, for an output that is an expand of a computed value); an input the
+        region returns as it is comes back as it is."""
+        outs = []
+        for k, node in zip(self.outputs, self.result_nodes):
+            if k is None:
+                outs.append(values[node])
+                continue
+            shape, out = values[node].shape, kernel_outputs[k]
+            try:
+                outs.append(out.view(shape) if out.numel() == math.prod(shape) else out.expand(shape))
+            except RuntimeError as exc:
+                raise NotLowerable(f"the output {node.name} {tuple(shape)} is no view of the kernel's {tuple(out.shape)}") from exc
         return outs[0] if self.single else tuple(outs)
 
 

@@ -116,7 +116,8 @@ def test_zoo_models_lowered_end_to_end(interpreted, model):
 def test_zoo_models_lower_every_region_the_templates_cover(interpreted):
     # What stays ATen, and why, is a short list: ops with no rule and views with no flat-index form.
     reasons = {reason for model in ("preln-tiny", "gpt2-tiny", "vit-s", "minilm") for reason in interpreted[model]["left_to_aten"].values()}
-    assert all("no Triton lowering" in r or "no flat-index form" in r or "elements" in r for r in reasons), reasons
+    expected = ("no Triton lowering", "no flat-index form", "elements", "both reshaping and expanding")
+    assert all(any(why in r for why in expected) for r in reasons), reasons
 
 
 def test_packed_minilm_runs_its_token_wise_regions_as_kernels(interpreted):

@@ -52,11 +52,11 @@ def run_regions(python_interpreted, tmp_path_factory):
     return run
 
 
-def assert_matches(program, inputs, outputs):
+def assert_matches(program, inputs, outputs, contiguous=True):
     expected = reference(build(program), inputs)
     assert len(outputs) == len(expected)
     for out, ref in zip(outputs, expected):
-        assert out.dtype == ref.dtype and out.shape == ref.shape and out.is_contiguous()
+        assert out.dtype == ref.dtype and out.shape == ref.shape and (out.is_contiguous() or not contiguous)
         rtol, atol = TOLERANCES.get(ref.dtype, (0, 0))
         torch.testing.assert_close(out, ref, rtol=rtol, atol=atol, equal_nan=True)
 
@@ -201,6 +201,20 @@ def _rule_cases():
     cases["views-of-inputs"] = (input_views, [torch.randn(4, 6).half(), torch.randn(6)])
     later = {"inputs": 2, "steps": [("mul.Scalar", ("%0", 2.0), {}), ("add.Tensor", ("%2", "%1"), {})], "outputs": [3]}
     cases["small-value-broadcast-later"] = (later, [torch.randn(5), torch.randn(3, 5)])
+    # An expand of a computed value (an attention mask built from a row and broadcast) is computed
+    # at every element of the broadcast; an expanded value returned is an expand of the kernel's.
+    expand_mid = {
+        "inputs": 2,
+        "steps": [("gt.Scalar", ("%0", 0), {}), ("expand.default", ("%2", [3, 5]), {}), ("where.ScalarOther", ("%3", "%1", -1.0), {})],
+        "outputs": [4],
+    }
+    cases["expand-of-computed"] = (expand_mid, [torch.randn(1, 5), torch.randn(3, 5)])
+    expand_out = {"inputs": 1, "steps": [("exp.default", ("%0",), {}), ("expand.default", ("%1", [2, 4]), {})], "outputs": [2]}
+    cases["expanded-output"] = (expand_out, [torch.randn(4)])
+    masks = [torch.rand(3, 6) > 0.5, torch.rand(6) > 0.3]
+    for name in ("bitwise_and.Tensor", "__and__.Tensor", "bitwise_or.Tensor", "__or__.Tensor"):
+        cases[f"bool-{name}"] = ({"inputs": 2, "steps": [(name, ("%0", "%1"), {})], "outputs": [2]}, masks)
+    cases["bool-bitwise_not"] = ({"inputs": 1, "steps": [("bitwise_not.default", ("%0",), {})], "outputs": [1]}, masks[:1])
     cases["input-passed-through"] = ({"inputs": 2, "steps": [("exp.default", ("%0",), {})], "outputs": [2, 0]}, [torch.randn(3, 4), torch.randn(4)])
     return cases
 
@@ -216,7 +230,7 @@ def outputs(run_regions):
 @pytest.mark.parametrize("case", CASES)
 def test_lowering_matches_aten(outputs, case):
     program, inputs = CASES[case]
-    assert_matches(program, inputs, outputs[case])
+    assert_matches(program, inputs, outputs[case], contiguous=case != "expanded-output")  # an expand is a view, as in ATen
 
 
 def test_every_lowering_rule_is_exercised():
@@ -321,6 +335,24 @@ def test_unknown_ops_are_not_lowerable(program, message):
 def test_views_stay_out_of_the_kernel():
     source = region_source(build(CASES["views-of-inputs"][0]))
     assert "permute" not in source and "unsqueeze" not in source and source.count("tl.load(") == 2
+
+
+def test_bitwise_ops_on_integers_are_not_lowerable():
+    gm = build({"inputs": 2, "steps": [("bitwise_and.Tensor", ("%0", "%1"), {})], "outputs": [2]})
+    for node, dtype in zip(gm.graph.nodes, (torch.int64, torch.int64)):
+        node.meta["val"] = torch.empty(3, dtype=dtype)
+    with pytest.raises(NotLowerable, match="of integers"):
+        region_source(gm)
+
+
+def test_a_region_reshaping_and_expanding_computed_values_is_not_lowerable():
+    program = {
+        "inputs": 1,
+        "steps": [("exp.default", ("%0",), {}), ("view.default", ("%1", [2, 3]), {}), ("expand.default", ("%2", [4, 2, 3]), {})],
+        "outputs": [3],
+    }
+    with pytest.raises(NotLowerable, match="both reshaping and expanding"):
+        region_source(build(program))
 
 
 def test_a_permute_of_a_computed_value_is_not_lowerable():
