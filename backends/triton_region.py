@@ -18,7 +18,7 @@ taken out of it the way a fusing compiler folds them into index arithmetic:
 What is left is :attr:`KernelRegion.kernel_graph`: the computing ops only, reading one placeholder
 per *operand*, i.e. per (input value, op reading it) pair. Each operand is handed to the kernel
 broadcast to the shape of the op reading it and reshaped to the template's iteration space
-(:meth:`KernelRegion.operands`), so its strides say everything: 0 along broadcast dims, permuted
+(:meth:`KernelRegion.operand_tensor`), so its strides say everything: 0 along broadcast dims, permuted
 strides for a permuted input.
 """
 
@@ -61,7 +61,7 @@ RESHAPES = {
 @dataclasses.dataclass(frozen=True)
 class Operand:
     """One kernel input: the region value ``source`` (a placeholder or a view of inputs, computed
-    by torch before the launch) as read by the kernel-graph node ``consumer``."""
+    by torch before the launch) as read by the region's computing node ``consumer``."""
 
     source: Node
     consumer: Node
@@ -87,6 +87,7 @@ class KernelRegion:
             be broadcast by a later op: see :meth:`operand_tensor`).
         original: each computing ``kernel_graph`` node -> the ``region`` node it computes (the key
             to :meth:`bind`'s values).
+        result_nodes, single: the region's output nodes, and whether it returns one tensor (not a tuple).
     """
 
     def __init__(self, region: GraphModule):
