@@ -1,7 +1,31 @@
-"""Shared fixtures: small deterministic models for tests of the core."""
+"""Shared fixtures: small deterministic models for tests of the core, and the Triton interpreter."""
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
+
+
+@pytest.fixture(scope="session")
+def interpreted_python():
+    """``run(*args) -> CompletedProcess``: ``python *args`` in a fresh process with ``TRITON_INTERPRET=1``,
+    asserted to succeed (its stderr tail is the failure message); its stdout is captured.
+
+    The interpreter must be chosen before ``triton`` is first imported (its own library kernels are
+    decorated then), and ``import graphopt`` imports it (through inductor), so an in-process switch
+    cannot work; the subprocess also keeps the variable away from every other test.
+    """
+    pytest.importorskip("triton")
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        done = subprocess.run([sys.executable, *map(str, args)], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
+    return run
 
 
 class TinyMLP(torch.nn.Module):

@@ -1,8 +1,6 @@
 """graphopt.dump: graph text, diffs, created/erased detection, DOT highlighting, SVG and ONNX branches."""
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -323,15 +321,10 @@ print(json.dumps({"kernels": sorted(runner.kernels), "checked": checked, "files"
 """
 
 
-def test_dump_with_the_triton_backend_under_the_interpreter(tmp_path):
+def test_dump_with_the_triton_backend_under_the_interpreter(tmp_path, interpreted_python):
     """Each kernel file imports under the interpreter, and its ``aten_region`` on its ``example_inputs()``
     gives what the backend's kernel computes on them."""
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run(
-        [sys.executable, "-c", DUMP_INTERPRETED, str(tmp_path), str(Path(__file__).parent)], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = interpreted_python("-c", DUMP_INTERPRETED, tmp_path, Path(__file__).parent)
     summary = json.loads(done.stdout.splitlines()[-1])
     assert "fused_0" in summary["kernels"]  # the pointwise prologue at least
     assert set(summary["checked"]) == set(summary["kernels"])

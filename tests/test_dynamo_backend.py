@@ -250,11 +250,8 @@ print(json.dumps({"launches": launches, "summary": [m for m in messages if m.sta
 """
 
 
-def test_triton_backend_runs_its_kernels_under_the_interpreter():
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", TRITON_UNDER_THE_INTERPRETER], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+def test_triton_backend_runs_its_kernels_under_the_interpreter(interpreted_python):
+    done = interpreted_python("-c", TRITON_UNDER_THE_INTERPRETER)
     result = json.loads(done.stdout.splitlines()[-1])
     (summary,) = result["summary"]
     generated = int(re.search(r"backend triton \((\d+) generated kernels\)", summary).group(1))

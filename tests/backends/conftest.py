@@ -1,9 +1,5 @@
 """Fixtures for backend tests: Triton kernels run by the Triton interpreter, on CPU, in a subprocess."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -16,33 +12,30 @@ torch.save({name: getattr(triton_norm, launcher)(*args) for name, (launcher, arg
 
 
 @pytest.fixture(scope="session")
-def python_interpreted():
-    """``run(script, *argv)``: run Python ``script`` in a fresh process with ``TRITON_INTERPRET=1``.
+def python_interpreted(interpreted_python):
+    """``run(script, *argv)``: run Python ``script`` in a fresh process with ``TRITON_INTERPRET=1``
+    (see ``interpreted_python`` in tests/conftest.py)."""
+    return lambda script, *argv: interpreted_python("-c", script, *argv)
 
-    The interpreter must be chosen before ``triton`` is first imported (its own library kernels are
-    decorated then), and ``import graphopt`` imports it (through inductor), so an in-process switch
-    cannot work; the subprocess also keeps the variable away from every other test.
-    """
-    pytest.importorskip("triton")
 
-    def run(script: str, *argv: str) -> None:
-        env = {**os.environ, "TRITON_INTERPRET": "1"}
-        done = subprocess.run([sys.executable, "-c", script, *argv], env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
+@pytest.fixture(scope="session")
+def interpreted_call(python_interpreted, tmp_path_factory):
+    """``call(script, payload, *argv) -> result``: ``payload`` saved with ``torch.save``, ``script``
+    run by ``python_interpreted`` with ``sys.argv[1:]`` = (payload file, result file, *argv), and
+    the result it saved loaded back. One subprocess runs a whole batch of kernel cases."""
 
-    return run
+    def call(script: str, payload, *argv: str):
+        tmp = tmp_path_factory.mktemp("triton_interpreter")
+        inputs, outputs = tmp / "inputs.pt", tmp / "outputs.pt"
+        torch.save(payload, inputs)
+        python_interpreted(script, str(inputs), str(outputs), *argv)
+        return torch.load(outputs)
+
+    return call
 
 
 @pytest.fixture(scope="module")
-def run_interpreted(python_interpreted, tmp_path_factory):
+def run_interpreted(interpreted_call):
     """``run({name: (launcher, args)}) -> {name: output}``: launchers of ``graphopt.backends.triton_norm``
     called in the Triton interpreter (see ``python_interpreted``)."""
-    tmp = tmp_path_factory.mktemp("triton_interpreter")
-
-    def run(calls):
-        inputs, outputs = tmp / "inputs.pt", tmp / "outputs.pt"
-        torch.save(calls, inputs)
-        python_interpreted(_RUN_LAUNCHERS, str(inputs), str(outputs))
-        return torch.load(outputs)
-
-    return run
+    return lambda calls: interpreted_call(_RUN_LAUNCHERS, calls)

@@ -48,17 +48,9 @@ torch.save({name: compile_attention_region(gm)(*inputs) for name, (gm, inputs) i
 
 
 @pytest.fixture(scope="module")
-def run_attention(python_interpreted, tmp_path_factory):
+def run_attention(interpreted_call):
     """``run({name: (region, inputs)}) -> {name: output}`` in one interpreted subprocess."""
-    tmp = tmp_path_factory.mktemp("triton_attention")
-
-    def run(cases):
-        inputs, outputs = tmp / "inputs.pt", tmp / "outputs.pt"
-        torch.save(cases, inputs)
-        python_interpreted(_RUN_ATTENTION, str(inputs), str(outputs))
-        return torch.load(outputs)
-
-    return run
+    return lambda cases: interpreted_call(_RUN_ATTENTION, cases)
 
 
 def assert_matches(gm, inputs, out):

@@ -26,30 +26,22 @@ TOLERANCES = {torch.float32: (1e-4, 1e-5), torch.float16: (2e-3, 1e-3), torch.bf
 
 _RUN_REGIONS = """
 import sys, torch
-sys.path.insert(0, sys.argv[1])
+sys.path.insert(0, sys.argv[3])
 from aten_programs import build
 from graphopt.backends.triton_codegen import compile_region
-cases = torch.load(sys.argv[2])
+cases = torch.load(sys.argv[1])
 outputs = {}
 for name, (program, inputs) in cases.items():
     out = compile_region(build(program))(*inputs)
     outputs[name] = [out] if isinstance(out, torch.Tensor) else list(out)
-torch.save(outputs, sys.argv[3])
+torch.save(outputs, sys.argv[2])
 """
 
 
 @pytest.fixture(scope="module")
-def run_regions(python_interpreted, tmp_path_factory):
+def run_regions(interpreted_call):
     """``run({name: (program, inputs)}) -> {name: [outputs]}`` in one interpreted subprocess."""
-    tmp = tmp_path_factory.mktemp("triton_codegen")
-
-    def run(cases):
-        inputs, outputs = tmp / "inputs.pt", tmp / "outputs.pt"
-        torch.save(cases, inputs)
-        python_interpreted(_RUN_REGIONS, str(Path(__file__).parent), str(inputs), str(outputs))
-        return torch.load(outputs)
-
-    return run
+    return lambda cases: interpreted_call(_RUN_REGIONS, cases, str(Path(__file__).parent))
 
 
 def assert_matches(program, inputs, outputs, contiguous=True):

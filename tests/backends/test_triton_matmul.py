@@ -284,13 +284,9 @@ torch.save(outputs, sys.argv[2])
 
 
 @pytest.fixture(scope="module")
-def outputs(python_interpreted, tmp_path_factory):
+def outputs(interpreted_call):
     """Every case's outputs, from one interpreted subprocess."""
-    tmp = tmp_path_factory.mktemp("triton_matmul")
-    inputs, outputs = tmp / "inputs.pt", tmp / "outputs.pt"
-    torch.save(CASES, inputs)
-    python_interpreted(_RUN_REGIONS, str(inputs), str(outputs))
-    return torch.load(outputs)
+    return interpreted_call(_RUN_REGIONS, CASES)
 
 
 @pytest.mark.parametrize("case", [name for name in CASES if not name.startswith("random")])

@@ -264,11 +264,8 @@ CASES = {**ANCHOR_CASES, **MODULE_CASES, "two-anchors-softmax-fp16": _two_anchor
 
 
 @pytest.fixture(scope="module")
-def outputs(python_interpreted, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("triton_rowwise")
-    torch.save(CASES, tmp / "cases.pt")
-    python_interpreted(_RUN_REGIONS, str(tmp / "cases.pt"), str(tmp / "outputs.pt"))
-    return torch.load(tmp / "outputs.pt")
+def outputs(interpreted_call):
+    return interpreted_call(_RUN_REGIONS, CASES)
 
 
 @pytest.mark.parametrize("case", [*ANCHOR_CASES, *MODULE_CASES, "two-anchors-softmax-fp16"])

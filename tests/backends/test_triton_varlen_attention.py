@@ -42,17 +42,13 @@ torch.save({name: launchers[launcher](*args, **kwargs) for name, (launcher, args
 
 
 @pytest.fixture(scope="module")
-def run_varlen(python_interpreted, tmp_path_factory):
+def run_varlen(interpreted_call):
     """``run({name: case}) -> {name: output}`` in one interpreted subprocess; a case is
     ``(q, k, v, cu_seqlens, kwargs)`` for the launcher, or ``("cuda-kernel", args, {})``."""
-    tmp = tmp_path_factory.mktemp("triton_varlen_attention")
 
     def run(cases):
         calls = {name: case if case[0] == "cuda-kernel" else ("launcher", case[:4], case[4]) for name, case in cases.items()}
-        inputs, outputs = tmp / "inputs.pt", tmp / "outputs.pt"
-        torch.save(calls, inputs)
-        python_interpreted(_RUN_VARLEN, str(inputs), str(outputs))
-        return torch.load(outputs)
+        return interpreted_call(_RUN_VARLEN, calls)
 
     return run
 
