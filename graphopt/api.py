@@ -65,8 +65,9 @@ def optimize(
         example_kwargs: keyword inputs, if the model takes any.
         dynamic_shapes: ``torch.export`` dynamic-shapes spec (e.g. batch and sequence dynamic).
         backend: ``"eager"`` (run the rewritten graph), ``"inductor"`` (compile it) or ``"triton"``
-            (generated Triton kernels for the pointwise regions; CUDA, or the Triton interpreter).
-        backend_options: keyword options for the backend (e.g. ``{"interpret": True}`` for triton).
+            (a generated Triton kernel per fused region; CUDA, or the Triton interpreter).
+        backend_options: keyword options for the backend (e.g. ``{"kinds": ("pointwise", "norm")}``
+            for triton).
         verify: check every pass numerically (and the backend against the graph).
         strict: raise on a failing pass instead of rolling it back.
         log: receives progress messages.

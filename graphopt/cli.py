@@ -195,6 +195,11 @@ def build_pipeline(passes: str | None, options: list[str]) -> list:
     return pipeline
 
 
+def _pipeline_flags(args) -> dict:
+    """The keywords of ``optimize`` / ``dump`` that every pipeline command takes from its flags."""
+    return {"backend": args.backend, "verify": not args.no_verify, "strict": args.strict, "log": args.log}
+
+
 def check_backend_runs_here(name: str) -> None:
     """Fail before the slow part when backend ``name`` cannot run on this machine.
 
@@ -251,10 +256,7 @@ def cmd_dump(args) -> int:
         workload.example_inputs,
         out,
         dynamic_shapes=workload.dynamic_shapes,
-        backend=args.backend,
-        verify=not args.no_verify,
-        strict=args.strict,
-        log=args.log,
+        **_pipeline_flags(args),
         name=workload.name,
         onnx=not args.no_onnx,
     )
@@ -280,10 +282,7 @@ def cmd_optimize(args) -> int:
         pipeline,
         workload.example_inputs,
         dynamic_shapes=workload.dynamic_shapes,
-        backend=args.backend,
-        verify=not args.no_verify,
-        strict=args.strict,
-        log=args.log,
+        **_pipeline_flags(args),
         name=workload.name,
     )
     print(module.report)
@@ -316,10 +315,7 @@ def cmd_demo(args) -> int:
         pipeline,
         entry.example_inputs,
         dynamic_shapes=entry.dynamic_shapes,
-        backend=args.backend,
-        verify=not args.no_verify,
-        strict=args.strict,
-        log=args.log,
+        **_pipeline_flags(args),
         name="zoo:minilm",
     )
     print(optimized.report)
