@@ -38,6 +38,8 @@ used.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -161,19 +163,25 @@ def _varlen_attention_fake(q, k, v, cu_seqlens, scale=None):
     return q.new_empty((q.shape[0], q.shape[1], v.shape[-1]))
 
 
+@functools.cache
+def _triton_varlen():
+    """:mod:`graphopt.backends.triton_varlen_attention`, or None where Triton is not installed."""
+    try:
+        from graphopt.backends import triton_varlen_attention
+    except ImportError:
+        return None
+    return triton_varlen_attention
+
+
 @varlen_attention.register_kernel("cuda")
 def _varlen_attention_cuda(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, scale: float | None = None) -> Tensor:
     """The FlashAttention-style Triton kernel of :mod:`graphopt.backends.triton_varlen_attention`;
     the bucketed SDPA above where Triton is not installed or the kernel refuses the inputs (fp64)."""
-    try:
-        from graphopt.backends.triton_codegen import NotLowerable
-        from graphopt.backends.triton_varlen_attention import varlen_attention as triton_varlen_attention
-    except ImportError:
-        triton_varlen_attention = None
-    if triton_varlen_attention is not None:
+    kernels = _triton_varlen()
+    if kernels is not None:
         try:
-            return triton_varlen_attention(q, k, v, cu_seqlens, scale)
-        except NotLowerable:
+            return kernels.varlen_attention(q, k, v, cu_seqlens, scale)
+        except kernels.NotLowerable:
             pass
     with varlen_attention.set_kernel_enabled("cuda", False):
         return varlen_attention(q, k, v, cu_seqlens, scale)
