@@ -44,10 +44,10 @@ def get_backend(name: str) -> Callable[..., Callable]:
 
 @register_backend("eager")
 def eager(gm, example_inputs: Any = (), example_kwargs: Any = None, **options) -> Callable:
-    """Run the graph op by op; graphopt ops with a direct kernel (``graphopt.ops.EAGER_FAST_PATHS``)
+    """Run the graph op by op; graphopt ops with a direct kernel (``graphopt.ops.norms.EAGER_FAST_PATHS``)
     call it without going through the dispatcher, in a copy of the graph (``gm`` stays canonical)."""
     from graphopt.ir import clone_graph_module
-    from graphopt.ops import EAGER_FAST_PATHS
+    from graphopt.ops.norms import EAGER_FAST_PATHS
 
     if not any(n.op == "call_function" and n.target in EAGER_FAST_PATHS for n in gm.graph.nodes):
         return gm

@@ -39,7 +39,7 @@ from torch.fx import GraphModule
 from graphopt.backends import register_backend
 from graphopt.backends.partition import fuse_regions
 from graphopt.backends.triton_codegen import NotLowerable
-from graphopt.manager import run_graph
+from graphopt.pipeline.manager import run_graph
 
 __all__ = ["KINDS", "Lowering", "TritonKernel", "plan", "triton"]
 

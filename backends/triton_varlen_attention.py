@@ -30,7 +30,7 @@ Precision, block sizes (autotuned on a GPU, 16 under the interpreter) and the ha
 head dims are the template's.
 
 :func:`varlen_attention` is the launcher, and the CUDA kernel of ``graphopt::varlen_attention``
-(:mod:`graphopt.varlen` calls it; inputs it refuses run the op's bucketed SDPA).
+(:mod:`graphopt.ops.varlen` calls it; inputs it refuses run the op's bucketed SDPA).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 import graphopt
-from graphopt import zoo
+from graphopt.tools import zoo
 from graphopt.backends.partition import fusion_stats
 from graphopt.backends.triton_backend import plan
 

@@ -25,9 +25,9 @@ import torch
 from tabulate import tabulate
 
 import graphopt
-from graphopt.capture import inference_view
-from graphopt.flops import count_flops, param_bytes
-from graphopt.verify import Exact, MinCosine, compare
+from graphopt.frontends.capture import inference_view
+from graphopt.ir.flops import count_flops, param_bytes
+from graphopt.pipeline.verify import Exact, MinCosine, compare
 
 Builder = Callable[[torch.nn.Module, tuple], "Built"]
 

@@ -14,7 +14,7 @@ LayerNorm) is meaningful. Configurations:
 * ``aten.rms_norm + bias``: what a naive swap runs (``aten.rms_norm`` has no bias);
 * ``graphopt::rms_norm``: the custom op; eager CPU runs its C kernel (fp32), CUDA its Triton
   kernel, inductor its decomposition (fused into the generated kernel);
-* ``ATen formulation``: :func:`graphopt.ops.rms_norm_torch`, the op's CPU fallback (other dtypes,
+* ``ATen formulation``: :func:`graphopt.ops.norms.rms_norm_torch`, the op's CPU fallback (other dtypes,
   strided inputs, no C compiler), called directly, eager only;
 * ``reference formula``: the op's reference written out (what the op ran on CPU before), eager only;
 * ``layer_norm of [x, -x]``: the only exact route from RMSNorm to LayerNorm's fused kernel (a row
@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import Built, Case, Config, Row, run_case, write_results  # noqa: E402
 
-from graphopt.ops import c_kernels, rms_norm_reference, rms_norm_torch  # noqa: E402
+from graphopt.ops.norms import c_kernels, rms_norm_reference, rms_norm_torch  # noqa: E402
 
 SHAPES = [(8, 128, 384), (1, 2048, 768), (32, 64, 384), (8, 24, 384)]  # the last: a batch of short sentences
 EPS = 1e-5

@@ -34,10 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import Built, Case, Config, eager, inductor, markdown_table, onnxruntime_cpu, run_case, torchao_int8, write_results  # noqa: E402
 
 import graphopt  # noqa: E402
-from graphopt import available_passes, zoo  # noqa: E402
-from graphopt.flops import count_flops, param_bytes  # noqa: E402
+from graphopt import available_passes  # noqa: E402
+from graphopt.tools import zoo
+from graphopt.ir.flops import count_flops, param_bytes  # noqa: E402
 from graphopt.ir import count_ops  # noqa: E402
-from graphopt.report import APPLIED  # noqa: E402
+from graphopt.pipeline.report import APPLIED  # noqa: E402
 
 BATCH = 8
 CANONICAL = ["canonicalize"]

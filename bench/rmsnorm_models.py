@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import Case, eager, graphopt_pipeline, inductor, run_case, write_results  # noqa: E402
 
 import graphopt  # noqa: E402
-from graphopt import zoo  # noqa: E402
+from graphopt.tools import zoo  # noqa: E402
 
 BEFORE = ["canonicalize"]
 AFTER = ["canonicalize", "layernorm_to_rmsnorm"]

@@ -3,9 +3,9 @@
     python examples/repbn_minilm.py                 # writes bench/results/repbn.{json,md}
     python examples/repbn_minilm.py --steps 100     # a quicker, rougher run
 
-1. ``graphopt.repbn.prepare`` replaces all 13 LayerNorms of the real MiniLM by PRepBN
+1. ``graphopt.tools.repbn.prepare`` replaces all 13 LayerNorms of the real MiniLM by PRepBN
    (``γ·LN(x) + (1 − γ)·(BN(x) + η·x)``, Guo et al., ICML 2024); at progress 0 it is the original.
-2. ``graphopt.repbn.distill`` recovers without labels: self-distillation of the sentence embeddings
+2. ``graphopt.tools.repbn.distill`` recovers without labels: self-distillation of the sentence embeddings
    against the original model while the progress goes from 0 to 1 (the word-embedding table stays
    frozen: it only adds optimizer time). Training text: sentences of the standard library's
    docstrings, taken deterministically, none of them in the held-out set.
@@ -43,8 +43,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 from harness import Built, Case, Config, eager, graphopt_pipeline, run_case, write_results  # noqa: E402
 
 import graphopt  # noqa: E402
-from graphopt import repbn, zoo  # noqa: E402
-from graphopt.flops import count_flops, param_bytes  # noqa: E402
+from graphopt.tools import repbn  # noqa: E402
+from graphopt.tools import zoo  # noqa: E402
+from graphopt.ir.flops import count_flops, param_bytes  # noqa: E402
 
 # Standard-library modules whose docstrings give the training text.
 TEXT_MODULES = """abc argparse ast asyncio base64 bisect bz2 calendar codecs collections colorsys configparser

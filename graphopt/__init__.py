@@ -7,12 +7,11 @@
 See the README for the CLI (``graphopt``) and the ``torch.compile(backend="graphopt")`` backend.
 """
 
-from graphopt import ops  # noqa: F401  (registers the graphopt:: custom ops)
-from graphopt import varlen  # noqa: F401  (registers graphopt::pack_tokens, unpack_tokens, varlen_attention)
-from graphopt.api import OptimizedModule, load, optimize, save
-from graphopt.capture import CaptureError, capture
-from graphopt.manager import PassFailedError, PassManager, PassOrderError
-from graphopt.pass_base import (
+# Layers, each importing only from the ones before it (tests/test_layers.py checks it):
+# ir <- pipeline <- ops <- passes <- backends <- frontends and tools. This facade sits on top.
+from graphopt import ir  # noqa: F401
+from graphopt.pipeline.manager import PassFailedError, PassManager, PassOrderError
+from graphopt.pipeline.pass_base import (
     Pass,
     PassContext,
     PassResult,
@@ -22,9 +21,15 @@ from graphopt.pass_base import (
     make_pass,
     register_pass,
 )
-from graphopt.report import PassRecord, Report
-from graphopt.repbn import finalize
-from graphopt.verify import Exact, MinCosine
+from graphopt.pipeline.report import PassRecord, Report
+from graphopt.pipeline.verify import Exact, MinCosine
+from graphopt import ops  # noqa: F401,E402  (registers the graphopt:: custom ops)
+from graphopt import passes  # noqa: F401,E402  (registers the built-in passes)
+from graphopt import backends  # noqa: F401,E402  (registers the built-in backends)
+from graphopt.frontends.api import OptimizedModule, load, optimize, save
+from graphopt.frontends.capture import CaptureError, capture
+from graphopt.tools import repbn, zoo  # noqa: F401  (public: graphopt.zoo, graphopt.repbn)
+from graphopt.tools.repbn import finalize
 
 __version__ = "0.1.0"
 
@@ -57,6 +62,6 @@ __all__ = [
 
 def compile_backend(**options):
     """A ``torch.compile`` backend with options: ``torch.compile(m, backend=graphopt.compile_backend(passes=[...]))``."""
-    from graphopt.dynamo_backend import compile_backend as make
+    from graphopt.frontends.dynamo_backend import compile_backend as make
 
     return make(**options)

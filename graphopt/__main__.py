@@ -1,7 +1,7 @@
-"""``python -m graphopt``: the ``graphopt`` command line (see :mod:`graphopt.cli`)."""
+"""``python -m graphopt``: the ``graphopt`` command line (see :mod:`graphopt.frontends.cli`)."""
 
 import sys
 
-from graphopt.cli import main
+from graphopt.frontends.cli import main
 
 sys.exit(main())

@@ -20,13 +20,13 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from graphopt.api import OptimizedModule, optimize
-from graphopt.capture import inference_view
+from graphopt.frontends.api import OptimizedModule, optimize
+from graphopt.frontends.capture import inference_view
 from graphopt.ir import count_ops, op_name
-from graphopt.manager import order_passes, run_graph
-from graphopt.pass_base import Pass, PassContext, make_pass
-from graphopt.report import APPLIED, NOT_APPLICABLE, PassRecord
-from graphopt.verify import compare, intersect_masks, resolve_masks
+from graphopt.pipeline.manager import order_passes, run_graph
+from graphopt.pipeline.pass_base import Pass, PassContext, make_pass
+from graphopt.pipeline.report import APPLIED, NOT_APPLICABLE, PassRecord
+from graphopt.pipeline.verify import compare, intersect_masks, resolve_masks
 
 __all__ = ["assert_applies", "assert_not_applicable", "declared_masks", "run_pass"]
 

@@ -46,7 +46,7 @@ from typing import Any
 from torch.fx import GraphModule, Node
 
 from graphopt.ir import aten, external_user, is_op, normalized_args, op_name, replace_node, shape_of, val_of
-from graphopt.match import (
+from graphopt.ir.match import (
     VIEW_OPS,
     broadcasts_to,
     infer_val,
@@ -60,7 +60,7 @@ from graphopt.match import (
     swaps_last_two,
     user_through_identities,
 )
-from graphopt.pass_base import Pass, PassContext, PassResult, register_pass
+from graphopt.pipeline.pass_base import Pass, PassContext, PassResult, register_pass
 
 _SOFTMAX_OPS = (aten.softmax.int, aten._softmax.default)
 _SCALE_OPS = (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar)

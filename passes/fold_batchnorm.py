@@ -4,7 +4,7 @@ In eval mode BatchNorm (Ioffe & Szegedy, 2015) is a fixed per-channel affine map
 ``y = (x - mean) / sqrt(var + eps) * gamma + beta``, so when ``x`` is the output of a convolution or
 linear whose output channels are BatchNorm's channel dim (dim 1), the map folds into that layer:
 ``W' = W * s`` and ``b' = (b - mean) * s + beta`` with ``s = gamma / sqrt(var + eps)`` (``b = 0``
-without a bias), computed in float64 by :func:`graphopt.weights.fold_affine_after`. The BatchNorm
+without a bias), computed in float64 by :func:`graphopt.ir.weights.fold_affine_after`. The BatchNorm
 node disappears; the layer keeps its shape and cost.
 
 Matched forms: ``aten.batch_norm`` (what the canonical IR holds) and the tuple-returning
@@ -24,8 +24,8 @@ import torch
 from torch.fx import GraphModule, Node
 
 from graphopt.ir import aten, get_tensor, is_op, normalized_args, op_name, op_nodes, replace_node, shape_of
-from graphopt.pass_base import Pass, PassContext, PassResult, register_pass
-from graphopt.weights import CONV_OPS, NotFoldable, fold_affine_after, output_channel_dim
+from graphopt.pipeline.pass_base import Pass, PassContext, PassResult, register_pass
+from graphopt.ir.weights import CONV_OPS, NotFoldable, fold_affine_after, output_channel_dim
 
 BATCH_NORM_OPS = (
     aten.batch_norm,

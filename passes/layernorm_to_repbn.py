@@ -1,17 +1,17 @@
 """``layernorm_to_repbn``: LayerNorm -> progressive re-parameterized BatchNorm (SLAB, ICML 2024).
 
 Replaces chosen ``aten.layer_norm`` nodes (over the last dim) by ``call_module`` nodes of
-:class:`graphopt.repbn.PRepBN` modules registered on the graph module, which compute
+:class:`graphopt.tools.repbn.PRepBN` modules registered on the graph module, which compute
 
     γ·LN(x) + (1 − γ)·(BN(x) + η·x)
 
 with the LayerNorm's own gain and bias, a new BatchNorm over the channels (weight 1, bias 0, mean 0,
 var 1) and η (one scalar, 1 by default), all ``get_attr`` constants passed to the module, the
 BatchNorm weight and bias and η as ``nn.Parameter``. The modules of one run share one
-:class:`graphopt.repbn.Progress`; it starts at p = 0 (γ = 1), where the node computes exactly the
+:class:`graphopt.tools.repbn.Progress`; it starts at p = 0 (γ = 1), where the node computes exactly the
 LayerNorm it replaced, so verification passes. The pass is approximate because its purpose is the
-model at p = 1 after fine-tuning: use :func:`graphopt.repbn.prepare` for a trainable model with
-``set_progress``, :func:`graphopt.repbn.distill` to recover, :func:`graphopt.finalize` to fold.
+model at p = 1 after fine-tuning: use :func:`graphopt.tools.repbn.prepare` for a trainable model with
+``set_progress``, :func:`graphopt.tools.repbn.distill` to recover, :func:`graphopt.finalize` to fold.
 
 Selection: all LayerNorms by default, or those at ``layers`` (indices over the graph's
 ``aten.layer_norm`` nodes in graph order) and/or those where the regular expression ``pattern`` is
@@ -28,9 +28,9 @@ import torch
 from torch.fx import GraphModule, Node
 
 from graphopt.ir import add_constant, aten, normalized_args, op_nodes, replace_node, val_of
-from graphopt.pass_base import Pass, PassContext, PassResult, register_pass
-from graphopt.repbn import PRepBN, Progress, as_parameter, linear_schedule
-from graphopt.verify import MinCosine
+from graphopt.pipeline.pass_base import Pass, PassContext, PassResult, register_pass
+from graphopt.tools.repbn import PRepBN, Progress, as_parameter, linear_schedule
+from graphopt.pipeline.verify import MinCosine
 
 
 def _module_path(node: Node) -> str:

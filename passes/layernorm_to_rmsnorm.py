@@ -12,7 +12,7 @@ never seen: remove it and every LayerNorm on the stream becomes an RMSNorm with 
 bias and eps. The mean is removed where the stream is written (*recentring*): every writer is an
 affine map of something, ``y = W u + c``, and ``P y = (P W) u + P c`` with ``P = I - 1 1ᵀ / d``
 the centring projection, i.e. subtract from ``W`` the mean of its rows (over the output dim) and
-from ``c`` its mean. The writers recentred (:func:`graphopt.streams.trace_writer`): linears and
+from ``c`` its mean. The writers recentred (:func:`graphopt.ir.streams.trace_writer`): linears and
 GPT-2's ``addmm`` projections, embedding tables (each row), position-embedding / class-token
 constants (last dim), patch-embedding convolutions (over output channels), through views, cat and
 sums. Every write is then zero-mean, so the stream is, and ``LN(h) = RMSNorm(h) * g + b`` holds
@@ -58,9 +58,9 @@ import torch
 from torch.fx import GraphModule, Node
 
 from graphopt.ir import add_constant, aten, external_user, get_tensor, is_op, normalized_args, replace_node, shape_of
-from graphopt.match import VIEW_OPS, same_shape
-from graphopt.pass_base import Pass, PassContext, PassResult, register_pass
-from graphopt.streams import (
+from graphopt.ir.match import VIEW_OPS, same_shape
+from graphopt.pipeline.pass_base import Pass, PassContext, PassResult, register_pass
+from graphopt.ir.streams import (
     NORM_OPS,
     ResidualStream,
     UntraceableWriter,
@@ -70,7 +70,7 @@ from graphopt.streams import (
     is_transparent,
     trace_writer,
 )
-from graphopt.weights import affine_before
+from graphopt.ir.weights import affine_before
 
 _REASONS_SHOWN = 3
 _SIZED_OPS = (*VIEW_OPS, aten.expand)  # ops whose size argument names the hidden size

@@ -52,10 +52,10 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-import graphopt.varlen  # noqa: F401  (registers the graphopt:: packing and attention ops)
+import graphopt.ops.varlen  # noqa: F401  (registers the graphopt:: packing and attention ops)
 from graphopt.ir import aten, is_op, normalized_args, op_name, op_nodes, shape_of, val_of
-from graphopt.match import VIEW_OPS, is_value_identity, normalize_dim, permutation, same_shape
-from graphopt.pass_base import Pass, PassContext, PassResult, register_pass
+from graphopt.ir.match import VIEW_OPS, is_value_identity, normalize_dim, permutation, same_shape
+from graphopt.pipeline.pass_base import Pass, PassContext, PassResult, register_pass
 
 _SDPA = aten.scaled_dot_product_attention.default
 _PAD_BIAS_MAX = -1e4  # an additive mask at most this low gives pads softmax weight exactly 0

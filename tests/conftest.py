@@ -28,6 +28,29 @@ def interpreted_python():
     return run
 
 
+@pytest.fixture(scope="session")
+def python_interpreted(interpreted_python):
+    """``run(script, *argv)``: run Python ``script`` in a fresh process with ``TRITON_INTERPRET=1``
+    (see ``interpreted_python`` in tests/conftest.py)."""
+    return lambda script, *argv: interpreted_python("-c", script, *argv)
+
+
+@pytest.fixture(scope="session")
+def interpreted_call(python_interpreted, tmp_path_factory):
+    """``call(script, payload, *argv) -> result``: ``payload`` saved with ``torch.save``, ``script``
+    run by ``python_interpreted`` with ``sys.argv[1:]`` = (payload file, result file, *argv), and
+    the result it saved loaded back. One subprocess runs a whole batch of kernel cases."""
+
+    def call(script: str, payload, *argv: str):
+        tmp = tmp_path_factory.mktemp("triton_interpreter")
+        inputs, outputs = tmp / "inputs.pt", tmp / "outputs.pt"
+        torch.save(payload, inputs)
+        python_interpreted(script, str(inputs), str(outputs), *argv)
+        return torch.load(outputs)
+
+    return call
+
+
 class TinyMLP(torch.nn.Module):
     """linear -> relu -> layer_norm -> linear, returning a dict (a pytree output)."""
 

@@ -6,7 +6,7 @@ from torch.export import Dim
 
 from graphopt.passes.remove_padding import RemovePadding
 from graphopt.testing import assert_applies, declared_masks
-from graphopt.verify import Exact, compare
+from graphopt.pipeline.verify import Exact, compare
 
 
 class TokenStates(torch.nn.Module):

@@ -3,8 +3,9 @@
 import torch
 
 import graphopt
-from graphopt import ir, zoo
-from graphopt.ops import EAGER_FAST_PATHS
+from graphopt import ir
+from graphopt.tools import zoo
+from graphopt.ops.norms import EAGER_FAST_PATHS
 
 
 def test_eager_backend_calls_norm_kernels_directly_and_matches():

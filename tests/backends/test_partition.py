@@ -7,9 +7,9 @@ from tests_helpers import Fn
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from graphopt import zoo
+from graphopt.tools import zoo
 from graphopt.backends import partition as P
-from graphopt.capture import capture
+from graphopt.frontends.capture import capture
 from graphopt.ir import aten, op_nodes
 
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from torch.fx import Graph, GraphModule, Interpreter
 
 import graphopt
-from graphopt import zoo
+from graphopt.tools import zoo
 from graphopt.backends import triton_attention
 from graphopt.backends.triton_attention import attention_inputs, attention_region, attention_source, compile_attention_region
 from graphopt.backends.triton_codegen import NotLowerable

@@ -13,14 +13,14 @@ import torch
 
 import graphopt
 from graphopt.backends import get_backend
-from graphopt.capture import capture
+from graphopt.frontends.capture import capture
 
 _RUN_MODELS = """
 import json, sys, time, torch
 import torch.nn.functional as F
 from torch import nn
 import graphopt
-from graphopt import zoo
+from graphopt.tools import zoo
 from graphopt.backends.triton_backend import TritonKernel
 
 

@@ -59,11 +59,12 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
-from graphopt import zoo  # noqa: E402
-from graphopt.api import optimize  # noqa: E402
-from graphopt.backends import triton_attention, triton_codegen, triton_matmul, triton_norm, triton_rowwise, triton_varlen_attention  # noqa: E402
+from graphopt.tools import zoo  # noqa: E402
+from graphopt.frontends.api import optimize  # noqa: E402
+from graphopt.backends import triton_attention, triton_codegen, triton_matmul, triton_rowwise, triton_varlen_attention  # noqa: E402
+from graphopt.ops.norms import triton as triton_norm  # noqa: E402
 from graphopt.backends.triton_backend import plan  # noqa: E402
-from graphopt.capture import capture  # noqa: E402
+from graphopt.frontends.capture import capture  # noqa: E402
 
 if not isinstance(triton_norm._rms_norm_kernel, JITFunction):
     pytest.skip("the Triton interpreter is on in this process (TRITON_INTERPRET=1)", allow_module_level=True)

@@ -26,7 +26,7 @@ from graphopt.backends import triton_matmul
 from graphopt.backends.partition import fuse_regions
 from graphopt.backends.triton_codegen import NotLowerable
 from graphopt.backends.triton_matmul import compile_matmul_region, matmul_region_source
-from graphopt.capture import capture
+from graphopt.frontends.capture import capture
 from graphopt.ir import aten, count_ops
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -20,7 +20,7 @@ from graphopt.backends import triton_rowwise
 from graphopt.backends.partition import fuse_regions
 from graphopt.backends.triton_codegen import NotLowerable
 from graphopt.backends.triton_rowwise import compile_row_region, row_region_source
-from graphopt.capture import capture
+from graphopt.frontends.capture import capture
 from graphopt.ir import propagate_shapes
 
 aten = torch.ops.aten

@@ -32,9 +32,9 @@ def reference(q, k, v, cu_seqlens, scale=None):
 
 _RUN_VARLEN = """
 import sys, torch
-import graphopt.varlen  # defines graphopt::varlen_attention, for the fallback of the CUDA kernel
+import graphopt.ops.varlen  # defines graphopt::varlen_attention, for the fallback of the CUDA kernel
 from graphopt.backends.triton_varlen_attention import varlen_attention
-from graphopt.varlen import _varlen_attention_cuda
+from graphopt.ops.varlen import _varlen_attention_cuda
 calls = torch.load(sys.argv[1])
 launchers = {"launcher": varlen_attention, "cuda-kernel": _varlen_attention_cuda}
 torch.save({name: launchers[launcher](*args, **kwargs) for name, (launcher, args, kwargs) in calls.items()}, sys.argv[2])

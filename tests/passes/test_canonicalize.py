@@ -8,12 +8,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import graphopt
-from graphopt import zoo
+from graphopt.tools import zoo
 from graphopt.ir import count_ops
-from graphopt.manager import run_graph
-from graphopt.report import APPLIED, NOT_APPLICABLE, UNCHANGED
+from graphopt.pipeline.manager import run_graph
+from graphopt.pipeline.report import APPLIED, NOT_APPLICABLE, UNCHANGED
 from graphopt.testing import assert_applies, run_pass
-from graphopt.verify import relative_error
+from graphopt.pipeline.verify import relative_error
 from tests_helpers import Fn
 
 SDPA = "aten.scaled_dot_product_attention.default"

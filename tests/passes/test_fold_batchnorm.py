@@ -6,10 +6,11 @@ from torch import nn
 from torch.export import Dim
 
 import graphopt
-from graphopt import capture, ir, zoo
-from graphopt.manager import PassManager, run_graph
+from graphopt import capture, ir
+from graphopt.tools import zoo
+from graphopt.pipeline.manager import PassManager, run_graph
 from graphopt.passes.fold_batchnorm import BATCH_NORM_OPS, FoldBatchNorm
-from graphopt.report import APPLIED, NOT_APPLICABLE, UNCHANGED
+from graphopt.pipeline.report import APPLIED, NOT_APPLICABLE, UNCHANGED
 
 
 def _randomise(model: nn.Module) -> nn.Module:

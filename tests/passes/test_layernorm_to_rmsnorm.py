@@ -5,14 +5,15 @@ import torch
 from torch import nn
 
 import graphopt
-from graphopt import ir, zoo
-from graphopt.capture import inference_view
-from graphopt.manager import PassManager, run_graph
+from graphopt import ir
+from graphopt.tools import zoo
+from graphopt.frontends.capture import inference_view
+from graphopt.pipeline.manager import PassManager, run_graph
 from graphopt.passes.layernorm_to_rmsnorm import LayerNormToRMSNorm
-from graphopt.report import APPLIED
-from graphopt.streams import find_residual_streams
+from graphopt.pipeline.report import APPLIED
+from graphopt.ir.streams import find_residual_streams
 from graphopt.testing import assert_not_applicable
-from graphopt.verify import Exact, compare
+from graphopt.pipeline.verify import Exact, compare
 
 LAYER_NORM = "aten.layer_norm.default"
 RMS_NORM = "graphopt.rms_norm.default"

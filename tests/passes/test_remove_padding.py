@@ -7,10 +7,10 @@ from torch import nn
 from torch.export import Dim
 
 import graphopt
-from graphopt import zoo
+from graphopt.tools import zoo
 from graphopt.ir import count_ops, propagate_shapes
 from graphopt.passes.remove_padding import RemovePadding
-from graphopt.report import APPLIED
+from graphopt.pipeline.report import APPLIED
 from graphopt.testing import assert_applies, assert_not_applicable
 
 SDPA = "aten.scaled_dot_product_attention.default"

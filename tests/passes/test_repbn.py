@@ -5,9 +5,11 @@ import torch
 from torch import nn
 
 import graphopt
-from graphopt import ir, repbn, zoo
+from graphopt import ir
+from graphopt.tools import repbn
+from graphopt.tools import zoo
 from graphopt.passes.layernorm_to_repbn import LayerNormToRepBN
-from graphopt.repbn import ARGUMENTS, PRepBN, Progress, prepbn_nodes
+from graphopt.tools.repbn import ARGUMENTS, PRepBN, Progress, prepbn_nodes
 from graphopt.testing import assert_applies, assert_not_applicable
 
 LAYER_NORM = "aten.layer_norm.default"
