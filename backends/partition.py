@@ -38,6 +38,7 @@ from torch.fx import GraphModule, Node
 from torch.fx.passes.utils.fuser_utils import fuse_by_partitions
 
 from graphopt.ir import aten, clone_graph_module, normalized_args
+from graphopt.ir.oprecord import op_record
 
 __all__ = ["KINDS", "Region", "fuse_regions", "fusion_stats", "op_kind", "partition", "register_kind"]
 
@@ -179,7 +180,6 @@ _TABLE: dict[object, KindRule] = {
     **dict.fromkeys([aten.sum, aten.mean, aten.amax, aten.amin, aten.var], _last_dim_reduction),
     **dict.fromkeys([aten.softmax, aten._softmax, aten.log_softmax, aten._log_softmax], _last_dim_norm),
     **dict.fromkeys([aten.layer_norm, aten.rms_norm], _norm_over_last_dim),
-    torch.ops.graphopt.rms_norm: "norm",
     aten.dropout: _dropout,
     aten._to_copy: _cast,
     aten.to: _cast,
@@ -199,11 +199,15 @@ def _writes_in_place(node: Node) -> bool:
 
 
 def op_kind(node: Node) -> str:
-    """The fusion kind of ``node`` (one of :data:`KINDS`); anything not in the table, anything
-    writing in place and anything not an ATen/torch.library call is ``"opaque"``."""
+    """The fusion kind of ``node`` (one of :data:`KINDS`): from the table (:func:`register_kind`),
+    else from the op's record (``OpRecord.partition_kind``); anything in neither, anything writing
+    in place and anything not an ATen/torch.library call is ``"opaque"``."""
     if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
         return "opaque"
-    rule = _TABLE.get(node.target, _TABLE.get(node.target.overloadpacket, "opaque"))
+    rule = _TABLE.get(node.target, _TABLE.get(node.target.overloadpacket))
+    if rule is None:
+        record = op_record(node.target)
+        rule = record.partition_kind if record is not None and record.partition_kind is not None else "opaque"
     if _writes_in_place(node):
         return "opaque"
     return rule(node) if callable(rule) else rule

@@ -17,9 +17,11 @@ Views inside a region stay out of its kernel (:mod:`~graphopt.backends.triton_re
 a template cannot lower (an op with no rule, a view with no flat-index form, a shape a launcher
 cannot index) keeps running as its ATen submodule, with the reason recorded, and ops in no region
 (embeddings, lone matmuls, which the library GEMM serves well, opaque ops) stay ATen calls. So a
-model never fails for an op the backend does not know; it only runs it unfused. The returned
-runner is the fused ``GraphModule`` with two attributes: ``kernels`` (region name -> generated
-kernel source) and ``left_to_aten`` (region name -> why it runs as ATen ops).
+model never fails for an op the backend does not know; it only runs it unfused. The backend
+returns a :class:`~graphopt.backends.CompiledGraph` whose ``runner`` is the fused ``GraphModule``
+(each lowered region a :class:`TritonKernel` submodule), with ``kernels`` (region name -> generated
+kernel source), ``left_to_aten`` (region name -> why it runs as ATen ops) and ``regions`` (region
+name -> kind).
 
 The kernels need a CUDA device, or the Triton interpreter (``TRITON_INTERPRET=1``, which Triton
 reads when a kernel is defined and the launchers read at every call; it must be in the environment
@@ -36,7 +38,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule
 
-from graphopt.backends import register_backend
+from graphopt.backends import CompiledGraph, register_backend
 from graphopt.backends.partition import fuse_regions
 from graphopt.backends.triton_codegen import NotLowerable
 from graphopt.pipeline.manager import run_graph
@@ -156,7 +158,7 @@ def triton(
     example_kwargs: Any = None,
     interpret: bool | None = None,
     kinds: tuple[str, ...] = KINDS,
-) -> GraphModule:
+) -> CompiledGraph:
     """Run ``gm`` with its fused regions as generated Triton kernels (see the module docstring).
 
     ``interpret``: run the kernels in the Triton interpreter (default: whether ``TRITON_INTERPRET=1``).
@@ -189,6 +191,5 @@ def triton(
                 runner.add_submodule(name, kernel.region)
                 left_to_aten[name] = kernel.fallback_reason
                 del kernels[name]
-    runner.kernels = kernels
-    runner.left_to_aten = left_to_aten
-    return runner
+    regions = {name: lowering.kind for name, lowering in lowerings.items()}
+    return CompiledGraph(runner, "triton", kernels=kernels, left_to_aten=left_to_aten, regions=regions, generates_code=True)

@@ -28,7 +28,7 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,19 @@ from torch.fx import GraphModule, Node
 from graphopt.backends.triton_region import KernelRegion, NotLowerable
 from graphopt.ir import aten, normalized_args
 
-__all__ = ["LOWERINGS", "MAX_RANK", "NotLowerable", "compile_region", "collapse_dims", "interpreted", "load_kernel", "lower_node", "region_source", "unravel"]
+__all__ = [
+    "LOWERINGS",
+    "MAX_RANK",
+    "NotLowerable",
+    "compile_region",
+    "collapse_dims",
+    "interpreted",
+    "load_kernel",
+    "load_template_kernel",
+    "lower_node",
+    "region_source",
+    "unravel",
+]
 
 MAX_RANK = 4
 """Dimensions the kernel indexes, after size-1 dimensions are dropped and contiguous ones merged."""
@@ -323,9 +335,29 @@ def load_kernel(source: str, name: str, gpu_configs: list[triton.Config], autotu
     return _KERNELS[key]
 
 
-def _load_kernel(source: str) -> Any:
-    configs = [triton.Config({"BLOCK_SIZE": block}, num_warps=warps) for block, warps in GPU_CONFIGS]
-    return load_kernel(source, "fused_pointwise_kernel", configs, ["n_elements"])
+def load_template_kernel(
+    source: str,
+    name: str,
+    gpu_configs: Sequence[Sequence[int]],
+    params: Sequence[str],
+    autotune_key: list[str],
+    *,
+    constants: dict[str, Any] | None = None,
+    prune: Callable | None = None,
+) -> Any:
+    """:func:`load_kernel` for a template that declares its GPU configs as a table.
+
+    Each row of ``gpu_configs`` is one ``triton.Config``: its first ``len(params)`` values are the
+    meta-parameters named by ``params`` (block sizes), the next ``num_warps`` and, when present,
+    ``num_stages``. ``constants`` are meta-parameters every config sets alike; ``autotune_key`` and
+    ``prune`` are :func:`load_kernel`'s.
+    """
+    configs = []
+    for row in gpu_configs:
+        meta = {**dict(zip(params, row)), **(constants or {})}
+        launch = dict(zip(("num_warps", "num_stages"), row[len(params) :]))
+        configs.append(triton.Config(meta, **launch))
+    return load_kernel(source, name, configs, autotune_key, prune=prune)
 
 
 def collapse_dims(shape: list[int], strides: list[list[int]]) -> tuple[list[int], list[list[int]]]:
@@ -351,7 +383,7 @@ def compile_region(gm: GraphModule) -> Callable[..., Any]:
     tuple, like ``gm``.
     """
     region = KernelRegion(gm)
-    kernel = _load_kernel(_generate(region.kernel_graph))
+    kernel = load_template_kernel(_generate(region.kernel_graph), "fused_pointwise_kernel", GPU_CONFIGS, ["BLOCK_SIZE"], ["n_elements"])
     computed = list(region.kernel_graph.graph.output_node().args[0])
 
     def launch(*inputs: Any) -> Any:

@@ -47,7 +47,7 @@ import torch
 import triton
 from torch.fx import GraphModule, Node
 
-from graphopt.backends.triton_codegen import NotLowerable, interpreted, load_kernel, lower_node
+from graphopt.backends.triton_codegen import NotLowerable, interpreted, load_template_kernel, lower_node
 from graphopt.backends.triton_region import KernelRegion
 from graphopt.ir import aten, normalized_args
 
@@ -256,14 +256,6 @@ def _gemm_views(target: Any, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Te
 # Compilation and launch.
 
 
-def _load_kernel(source: str) -> Any:
-    configs = [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": GPU_GROUP_M}, num_warps=warps, num_stages=stages)
-        for m, n, k, warps, stages in GPU_CONFIGS
-    ]
-    return load_kernel(source, "matmul_epilogue_kernel", configs, ["M", "N", "K"], prune=_fits_shared_memory)
-
-
 def _fits_shared_memory(configs: list[triton.Config], named_args: dict, **kwargs: Any) -> list[triton.Config]:
     """The configs whose pipelined ``A`` and ``B`` tiles fit the device's shared memory.
 
@@ -290,7 +282,15 @@ def compile_matmul_region(region: GraphModule) -> Callable[..., Any]:
     launch for inputs the template cannot index. It returns a tensor or a tuple, like ``region``.
     """
     plan = _plan(region)
-    kernel = _load_kernel(_generate(plan))
+    kernel = load_template_kernel(
+        _generate(plan),
+        "matmul_epilogue_kernel",
+        GPU_CONFIGS,
+        ["BLOCK_M", "BLOCK_N", "BLOCK_K"],
+        ["M", "N", "K"],
+        constants={"GROUP_M": GPU_GROUP_M},
+        prune=_fits_shared_memory,
+    )
     kernel_region = plan.kernel_region
     region_nodes = {node.name: node for node in region.graph.nodes}
     placeholders = kernel_region.kernel_graph.graph.find_nodes(op="placeholder")

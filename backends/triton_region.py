@@ -36,12 +36,9 @@ from torch.fx.node import map_arg
 
 from graphopt.backends.partition import op_kind
 from graphopt.ir import aten
+from graphopt.ops.flash_attention import NotLowerable  # one class for templates and kernels: the backend leaves the region to ATen
 
 __all__ = ["KernelRegion", "NotLowerable", "Operand", "RESHAPES"]
-
-
-class NotLowerable(Exception):
-    """The region holds something a kernel template cannot compute; the backend leaves it to ATen."""
 
 
 RESHAPES = {

@@ -13,7 +13,7 @@ program holds ``BLOCK_R`` whole rows in registers, as a ``[BLOCK_R, BLOCK_C]`` t
 * **per-row**: ``R`` elements, a ``[BLOCK_R, 1]`` column (a reduction's output, keepdim or not,
   and an epilogue computed from such values only), which broadcasts over the columns of a tile.
 
-Each anchor op has a small rule (:data:`ANCHORS`) that writes its reduction(s) with ``tl.sum`` /
+Each anchor op has a small rule (:data:`ANCHORS`; a custom op's ``OpRecord.triton_lowering``) that writes its reduction(s) with ``tl.sum`` /
 ``tl.max`` over axis 1; masked tail columns are replaced by the reduction's neutral value
 (``tl.where``), so whatever the prologue computed there never counts. Pointwise ops reuse the
 pointwise generator's rules (:func:`lower_node`). Several anchors over the same rows may share one
@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 import re
+import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -48,11 +49,12 @@ import torch
 import triton
 from torch.fx import GraphModule, Node
 
-from graphopt.backends.triton_codegen import LOWERINGS, NotLowerable, collapse_dims, interpreted, load_kernel, lower_node, unravel
+from graphopt.backends.triton_codegen import LOWERINGS, NotLowerable, collapse_dims, interpreted, load_template_kernel, lower_node, unravel
 from graphopt.backends.triton_region import KernelRegion
 from graphopt.ir import aten, normalized_args
+from graphopt.ir.oprecord import op_record
 
-__all__ = ["ANCHORS", "MAX_BLOCK_C", "ROW_RANK", "compile_row_region", "row_region_source"]
+__all__ = ["ANCHORS", "MAX_BLOCK_C", "ROW_HELPERS", "ROW_RANK", "anchor_rule", "compile_row_region", "row_region_source"]
 
 MAX_BLOCK_C = 8192
 """Longest row a program holds (32 KB of fp32 per live row value); longer rows stay ATen."""
@@ -167,10 +169,6 @@ def _rms_norm(out, args, fresh):
     return _rms(out, _tensor(args, "input"), eps, args, "weight", None, fresh)
 
 
-def _graphopt_rms_norm(out, args, fresh):
-    return _rms(out, _tensor(args, "x"), args["eps"], args, "weight", "bias", fresh)
-
-
 def _softmax_parts(out, args, fresh):
     x = _input_as(args)
     shifted, total = fresh(f"{out}_shifted"), fresh(f"{out}_sum")
@@ -199,13 +197,33 @@ ANCHORS: dict[Any, tuple[bool, AnchorRule]] = {
     aten.var.correction: (False, _var),
     aten.layer_norm.default: (True, _layer_norm),
     aten.rms_norm.default: (True, _rms_norm),
-    torch.ops.graphopt.rms_norm.default: (True, _graphopt_rms_norm),
     aten.softmax.int: (True, _softmax),
     aten._softmax.default: (True, _softmax),
     aten.log_softmax.int: (True, _log_softmax),
     aten._log_softmax.default: (True, _log_softmax),
 }
-"""Anchor op -> (whether its output is full, i.e. a normalization; its rule)."""
+"""Anchor op -> (whether its output is full, i.e. a normalization; its rule). Custom ops are
+anchors through their op records (:func:`anchor_rule`)."""
+
+ROW_HELPERS = types.SimpleNamespace(sum=_row_sum, max=_row_max, min=_row_min, tensor=_tensor, input_as=_input_as, number=_number, affine=_affine, rms=_rms)
+"""The template's helpers, handed to a custom op's ``OpRecord.triton_lowering`` as its ``row`` argument:
+``sum(x)`` / ``max(x)`` / ``min(x)`` (masked row reductions of a tile, ``[BLOCK_R, 1]``),
+``tensor(args, key)`` (an argument's kernel name; NotLowerable if it is not a tensor),
+``input_as(args, key)`` (the input cast to the ``dtype`` argument), ``number(value, what)`` (a finite
+number as a literal), ``affine(y, args, weight_key, bias_key)`` (``y * w + b`` for the arguments
+present) and ``rms(out, x, eps, args, weight_key, bias_key, fresh)`` (lines of ``x / rms(x) * w + b``)."""
+
+
+def anchor_rule(target: Any) -> tuple[bool, AnchorRule] | None:
+    """``(full, rule)`` for an anchor op (see :data:`ANCHORS`), or for a custom op whose record has a
+    ``triton_lowering`` (full when its ``partition_kind`` is ``"norm"``); None for any other op."""
+    if target in ANCHORS:
+        return ANCHORS[target]
+    record = op_record(target)
+    if record is None or record.triton_lowering is None:
+        return None
+    lowering = record.triton_lowering
+    return record.partition_kind == "norm", lambda out, args, fresh: lowering(out, args, fresh, ROW_HELPERS)
 
 
 def _anchor_input(node: Node) -> Node:
@@ -220,7 +238,7 @@ def _check_last_dim(node: Node, ndim: int) -> None:
         if len(args["normalized_shape"]) != 1:
             raise NotLowerable(f"{node.name} normalizes over {len(args['normalized_shape'])} dims")
         return
-    if "dim" not in args:  # graphopt::rms_norm: always the last dim
+    if "dim" not in args:  # a custom op's lowering (graphopt::rms_norm): always the last dim
         return
     dims = args["dim"]
     dims = [dims] if isinstance(dims, int) else list(dims or [])
@@ -241,7 +259,7 @@ def _classify(kernel: KernelRegion, shapes: dict[Node, Any]) -> tuple[dict[Node,
     ``[..., C]``), since in the flat-index kernel it is one value per row.
     """
     ops = [n for n in kernel.kernel_graph.graph.nodes if n.op == "call_function"]
-    anchors = [n for n in ops if n.target in ANCHORS]
+    anchors = [n for n in ops if anchor_rule(n.target) is not None]
     if not anchors:
         raise NotLowerable("no row reduction or normalization in the region")
     anchor_shape = list(shapes[_anchor_input(anchors[0])])
@@ -258,13 +276,13 @@ def _classify(kernel: KernelRegion, shapes: dict[Node, Any]) -> tuple[dict[Node,
     for node in ops:
         numel = math.prod(shapes[node])
         computed = [a for a in node.all_input_nodes if a in full]
-        if node.target in ANCHORS:
+        if anchor_rule(node.target) is not None:
             source = _anchor_input(node)
             shape = list(shapes[source])
             _check_last_dim(node, len(shape))
             if shape[-1:] != [cols] or math.prod(shape) != rows * cols or not (full.get(source, True) or cols == 1):
                 raise NotLowerable(f"{node.name} does not work over the rows of {anchors[0].name}")
-            full[node] = ANCHORS[node.target][0]
+            full[node] = anchor_rule(node.target)[0]
         elif any(full[a] for a in computed):
             full[node] = True
         elif cols != 1:  # the element count tells
@@ -330,7 +348,7 @@ class _RowKernel:
         self.source = self._generate()
 
     def _classify(self, values: dict[Node, torch.Tensor]) -> tuple[dict[Node, bool], list[int], int]:
-        for anchor in (n for n in self.ops if n.target in ANCHORS):
+        for anchor in (n for n in self.ops if anchor_rule(n.target) is not None):
             dtype = values[_anchor_input(anchor)].dtype
             if not (dtype.is_floating_point or dtype == torch.bool):
                 raise NotLowerable(f"{anchor.name} of a {dtype} tensor (the kernel computes in fp32)")
@@ -340,7 +358,7 @@ class _RowKernel:
         """``(full, reduced)``: whether the operand is loaded as full rows, and whether it is the
         input of a reduction (read as it is, not broadcast to the reduced shape of its reader)."""
         consumer = next(iter(placeholder.users))  # one operand per (value, reader) pair
-        reduced = consumer.target in ANCHORS and _anchor_input(consumer) is placeholder and not self.full[consumer]
+        reduced = anchor_rule(consumer.target) is not None and _anchor_input(consumer) is placeholder and not self.full[consumer]
         return self.full[consumer] or reduced, reduced
 
     def _generate(self) -> str:
@@ -374,9 +392,10 @@ class _RowKernel:
             lines.append(f"    {names[p]} = tl.load({names[p]}_ptr + {offset}, mask={mask}, other=0).to(tl.float32)")
         lines.append("    # The region's ops in fp32; reductions see their neutral value in the masked tail columns.")
         for node in self.ops:
-            if node.target in ANCHORS:
+            rule = anchor_rule(node.target)
+            if rule is not None:
                 args = {k: names[v] if isinstance(v, Node) else v for k, v in normalized_args(node).items()}
-                lines += [f"    {line}" for line in ANCHORS[node.target][1](names[node], args, fresh)]
+                lines += [f"    {line}" for line in rule[1](names[node], args, fresh)]
             else:
                 lines.append(f"    {names[node]} = {lower_node(node, names)}")
         lines.append("    # Contiguous outputs in their own dtype: full ones [R, C], per-row ones [R].")
@@ -429,8 +448,7 @@ def compile_row_region(region: GraphModule) -> Callable[..., Any]:
     :data:`ROW_RANK` dims, ...). It returns a tensor or a tuple, like ``region``.
     """
     row_kernel = _RowKernel(region)
-    configs = [triton.Config({}, num_warps=warps) for warps in GPU_NUM_WARPS]
-    kernel = load_kernel(row_kernel.source, "fused_rowwise_kernel", configs, ["n_cols", "BLOCK_R"])
+    kernel = load_template_kernel(row_kernel.source, "fused_rowwise_kernel", [(warps,) for warps in GPU_NUM_WARPS], [], ["n_cols", "BLOCK_R"])
 
     def launch(*inputs: torch.Tensor) -> Any:
         args, outputs, values, rows, cols = row_kernel.arguments(inputs)

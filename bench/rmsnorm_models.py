@@ -79,7 +79,7 @@ def norm_share(case: Case, passes) -> tuple[float, float]:
     the same runner with every norm replaced by its input, timed interleaved with the full one.
     (torch.profiler's per-event overhead is as large as a small norm, so it cannot tell.)"""
     opt = graphopt.optimize(case.model, passes, case.batches[0], verify=False)
-    full = opt._runner
+    full = opt.compiled.runner
     ablated = graphopt.ir.clone_graph_module(full)
     for node in list(ablated.graph.nodes):
         if node.op == "call_function" and node.name.startswith(NORM_NODE_PREFIXES):

@@ -2,9 +2,11 @@
 
     python examples/custom_pass.py
 
-Shows the whole contract: a docstring naming the rewrite, an applicability check that says why
-not, the rewrite on the canonical ATen IR with graphopt.ir helpers, stats for the report. Its unit
-test, ready to copy, is examples/test_custom_pass.py.
+Shows the whole contract: a docstring naming the rewrite, an analysis that finds what to rewrite
+or says why not (``graphopt.NotApplicable``), the rewrite of what the analysis found on the
+canonical ATen IR with graphopt.ir helpers, stats for the report. The pass manager runs the
+analysis once per pipeline run, on its own copy of the graph. Its unit test, ready to copy, is
+examples/test_custom_pass.py.
 """
 
 from __future__ import annotations
@@ -26,19 +28,19 @@ class FoldScalarMultiplies(graphopt.Pass):
     name = "fold_scalar_multiplies"
     exact = True
 
-    def _pairs(self, gm):
+    def analyze(self, gm, ctx):
+        pairs = []
         for node in gm.graph.nodes:
             first = node.args[0] if _scalar_mul(node) else None
             if first is not None and _scalar_mul(first) and len(first.users) == 1:
-                yield first, node
+                pairs.append((first, node))
+        if not pairs:
+            raise graphopt.NotApplicable("no two scalar multiplies in a row")
+        return pairs
 
-    def applicable(self, gm):
-        found = next(self._pairs(gm), None) is not None
-        return found, "" if found else "no two scalar multiplies in a row"
-
-    def run(self, gm, ctx):
+    def rewrite(self, gm, pairs, ctx):
         folded = 0
-        for first, second in list(self._pairs(gm)):
+        for first, second in pairs:
             if first.graph is None or second.args[0] is not first:  # consumed by an earlier fold
                 continue
             with gm.graph.inserting_before(second):

@@ -12,6 +12,7 @@ See the README for the CLI (``graphopt``) and the ``torch.compile(backend="graph
 from graphopt import ir  # noqa: F401
 from graphopt.pipeline.manager import PassFailedError, PassManager, PassOrderError
 from graphopt.pipeline.pass_base import (
+    NotApplicable,
     Pass,
     PassContext,
     PassResult,
@@ -37,6 +38,7 @@ __all__ = [
     "CaptureError",
     "Exact",
     "MinCosine",
+    "NotApplicable",
     "OptimizedModule",
     "Pass",
     "PassContext",

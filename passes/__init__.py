@@ -2,6 +2,7 @@
 
 from graphopt.passes import canonicalize  # noqa: F401
 from graphopt.passes import fold_batchnorm  # noqa: F401
+from graphopt.passes import fold_repbn  # noqa: F401  (not registered: graphopt.finalize runs it)
 from graphopt.passes import layernorm_to_repbn  # noqa: F401
 from graphopt.passes import layernorm_to_rmsnorm  # noqa: F401
 from graphopt.passes import remove_padding  # noqa: F401

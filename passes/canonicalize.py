@@ -60,15 +60,10 @@ from graphopt.ir.match import (
     swaps_last_two,
     user_through_identities,
 )
-from graphopt.pipeline.pass_base import Pass, PassContext, PassResult, register_pass
+from graphopt.pipeline.pass_base import NotApplicable, Pass, PassContext, PassResult, register_pass, summarize_reasons
 
 _SOFTMAX_OPS = (aten.softmax.int, aten._softmax.default)
 _SCALE_OPS = (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar)
-_REASONS_SHOWN = 3
-
-
-class _Reject(Exception):
-    """A candidate that is not provably the pattern; the message says why."""
 
 
 # ----------------------------------------------------------------------------- small predicates
@@ -181,7 +176,7 @@ class _AttentionMatch:
 def _mask_step(node: Node) -> tuple[Node, Node, bool] | None:
     """``(scores, mask, mask_blocks)`` when ``node`` applies a mask to ``scores``, else None.
 
-    Raises :class:`_Reject` for a masking SDPA cannot express.
+    Raises :class:`NotApplicable` for a masking SDPA cannot express.
     """
     if is_op(node, aten.add.Tensor):
         a, b = node.args[0], node.args[1]
@@ -189,15 +184,15 @@ def _mask_step(node: Node) -> tuple[Node, Node, bool] | None:
             return None
         scores, mask = (a, b) if _leads_to_product(a) else (b, a)
         if not _leads_to_product(scores):
-            raise _Reject(f"neither operand of {node.name} comes from a query-key product")
+            raise NotApplicable(f"neither operand of {node.name} comes from a query-key product")
         mask_val, scores_val = val_of(mask), val_of(scores)
         if mask_val is None or scores_val is None or mask_val.dtype != scores_val.dtype:
-            raise _Reject(f"the additive mask {mask.name} does not have the scores' dtype")
+            raise NotApplicable(f"the additive mask {mask.name} does not have the scores' dtype")
         blocks = False
     elif is_op(node, aten.masked_fill.Scalar):
         scores, mask, fill = node.args[0], node.args[1], node.args[2]
         if fill != -math.inf:
-            raise _Reject(f"{node.name} fills with {fill}, not -inf")
+            raise NotApplicable(f"{node.name} fills with {fill}, not -inf")
         blocks = True
     elif is_op(node, aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf):
         mask, a, b = node.args[0], node.args[1], node.args[2]
@@ -206,14 +201,14 @@ def _mask_step(node: Node) -> tuple[Node, Node, bool] | None:
         elif scalar_constant(a) == -math.inf and isinstance(b, Node):
             scores, blocks = b, True
         else:
-            raise _Reject(f"{node.name} selects between the scores and something other than -inf")
+            raise NotApplicable(f"{node.name} selects between the scores and something other than -inf")
     else:
         return None
     if not isinstance(mask, Node) or not broadcasts_to(shape_of(mask), shape_of(scores)):
         shape = shape_of(mask) if isinstance(mask, Node) else None
-        raise _Reject(f"mask of shape {shape} does not broadcast to the scores {shape_of(scores)}")
+        raise NotApplicable(f"mask of shape {shape} does not broadcast to the scores {shape_of(scores)}")
     if not _keeps_shape_and_dtype(node, scores):
-        raise _Reject(f"{node.name} changes the shape or dtype of the scores")
+        raise NotApplicable(f"{node.name} changes the shape or dtype of the scores")
     return scores, mask, blocks
 
 
@@ -226,7 +221,7 @@ def _unfold_sizes(views: list[Node], mask_inside: bool) -> list | None:
     if not views:
         return None
     if len(views) != 2:
-        raise _Reject("the scores are reshaped between the query-key product and the softmax")
+        raise NotApplicable("the scores are reshaped between the query-key product and the softmax")
     refold, unfold = views  # backward order: the view nearest the softmax comes first
     flat, unfolded = shape_of(unfold.args[0]), shape_of(unfold)
     if (
@@ -237,7 +232,7 @@ def _unfold_sizes(views: list[Node], mask_inside: bool) -> list | None:
         or not same_shape(unfolded[-2:], flat[-2:])
         or not same_shape(shape_of(refold), flat)
     ):
-        raise _Reject("the scores are reshaped other than by splitting and re-merging their batch dimension")
+        raise NotApplicable("the scores are reshaped other than by splitting and re-merging their batch dimension")
     return list(unfold.args[1][:-2]) if mask_inside else None
 
 
@@ -246,14 +241,14 @@ def _match_attention(softmax: Node) -> _AttentionMatch:
     scores = args["self"]
     shape = shape_of(scores)
     if shape is None:
-        raise _Reject("the softmax input has no shape information")
+        raise NotApplicable("the softmax input has no shape information")
     rank = len(shape)
     if rank < 3:
-        raise _Reject(f"the scores are {rank}-D; only batched attention (rank >= 3) is matched")
+        raise NotApplicable(f"the scores are {rank}-D; only batched attention (rank >= 3) is matched")
     if normalize_dim(args["dim"], rank) != rank - 1:
-        raise _Reject(f"softmax over dim {args['dim']}, not the last dimension")
+        raise NotApplicable(f"softmax over dim {args['dim']}, not the last dimension")
     if val_of(softmax).dtype != val_of(scores).dtype:
-        raise _Reject("the softmax changes the dtype")
+        raise NotApplicable("the softmax changes the dtype")
 
     # forward: probabilities -> (no-ops) -> product with V
     region = [softmax]
@@ -261,20 +256,20 @@ def _match_attention(softmax: Node) -> _AttentionMatch:
     region += passed
     probs = region[-1]
     if output is None:
-        raise _Reject(f"the attention probabilities ({probs.name}) have {_users_text(probs)}")
+        raise NotApplicable(f"the attention probabilities ({probs.name}) have {_users_text(probs)}")
     if is_op(output, aten.dropout):
-        raise _Reject(f"{output.name} is a dropout in training mode")
+        raise NotApplicable(f"{output.name} is a dropout in training mode")
     pv = matmul_operands(output)
     if pv is None:
-        raise _Reject(f"the probabilities feed {op_name(output.target)}, not a product with the values")
+        raise NotApplicable(f"the probabilities feed {op_name(output.target)}, not a product with the values")
     if pv.left is not probs or pv.left_transposed or pv.right_transposed or pv.right is probs:
-        raise _Reject(f"{output.name} is not probabilities @ values")
+        raise NotApplicable(f"{output.name} is not probabilities @ values")
 
     # backward: softmax input -> (mask) -> (scales) -> query-key product
     node, scale, scaled, mask, blocks, views, mask_inside = scores, 1.0, False, None, False, [], False
     while True:
         if len(node.users) != 1:
-            raise _Reject(f"the attention scores ({node.name}) have {_users_text(node)}")
+            raise NotApplicable(f"the attention scores ({node.name}) have {_users_text(node)}")
         region.append(node)
         if is_value_identity(node):
             node = node.args[0]
@@ -286,15 +281,15 @@ def _match_attention(softmax: Node) -> _AttentionMatch:
         masked = _mask_step(node)
         if masked is not None:
             if mask is not None:
-                raise _Reject("more than one mask is applied to the scores")
+                raise NotApplicable("more than one mask is applied to the scores")
             if scaled:
-                raise _Reject("the scores are scaled after the mask, SDPA scales before it")
+                raise NotApplicable("the scores are scaled after the mask, SDPA scales before it")
             node, mask, blocks = masked
             mask_inside = len(views) == 1
             continue
         step = _scale_factor(node)
         if isinstance(step, str):
-            raise _Reject(step)
+            raise NotApplicable(step)
         if step is None:
             break
         node, factor = step
@@ -302,9 +297,9 @@ def _match_attention(softmax: Node) -> _AttentionMatch:
     product = node
     qk = matmul_operands(product)
     if qk is None:
-        raise _Reject(f"the softmax input comes from {op_name(product.target)} ({product.name}), not a query-key product")
+        raise NotApplicable(f"the softmax input comes from {op_name(product.target)} ({product.name}), not a query-key product")
     if qk.left_transposed:
-        raise _Reject(f"the query is transposed in {product.name}")
+        raise NotApplicable(f"the query is transposed in {product.name}")
     batch_sizes = _unfold_sizes(views, mask_inside)
 
     query, nodes, factor = _peel_scales(qk.left)
@@ -316,7 +311,7 @@ def _match_attention(softmax: Node) -> _AttentionMatch:
     key_is_transposed = not qk.right_transposed
     if key_is_transposed and permutation(key) is not None:
         if not swaps_last_two(key):
-            raise _Reject(f"the key ({key.name}) is permuted {permutation(key)}, not transposed in its last two dimensions")
+            raise NotApplicable(f"the key ({key.name}) is permuted {permutation(key)}, not transposed in its last two dimensions")
         if len(key.users) == 1:
             region.append(key)
             key, nodes, factor = _peel_scales(key.args[0])
@@ -329,29 +324,29 @@ def _match_attention(softmax: Node) -> _AttentionMatch:
     value = pv.right
     _check_operands(query, key, key_is_transposed, value, mask, region)
     if not (math.isfinite(scale) and scale > 0):
-        raise _Reject(f"the combined scale {scale:g} is not a positive finite number")
+        raise NotApplicable(f"the combined scale {scale:g} is not a positive finite number")
     leak = _leak(region, output)
     if leak is not None:
-        raise _Reject(leak)
+        raise NotApplicable(leak)
     return _AttentionMatch(output, query, key, key_is_transposed, value, scale, mask, blocks, batch_sizes, region)
 
 
 def _check_operands(query, key, key_is_transposed, value, mask, region) -> None:
     shapes = [shape_of(t) if isinstance(t, Node) else None for t in (query, key, value)]
     if any(s is None for s in shapes):
-        raise _Reject("query, key or value has no shape information")
+        raise NotApplicable("query, key or value has no shape information")
     q_shape, k_shape, v_shape = shapes
     if key_is_transposed:
         k_shape = (*k_shape[:-2], k_shape[-1], k_shape[-2])
     if not len(q_shape) == len(k_shape) == len(v_shape):
-        raise _Reject("query, key and value have different ranks")
+        raise NotApplicable("query, key and value have different ranks")
     if not (same_shape(q_shape[:-2], k_shape[:-2]) and same_shape(q_shape[:-2], v_shape[:-2])):
-        raise _Reject("query, key and value have different batch sizes (a broadcast product)")
+        raise NotApplicable("query, key and value have different batch sizes (a broadcast product)")
     dtypes = {val_of(t).dtype for t in (query, key, value)}
     if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
-        raise _Reject(f"query, key and value dtypes are {sorted(map(str, dtypes))}")
+        raise NotApplicable(f"query, key and value dtypes are {sorted(map(str, dtypes))}")
     if value in region or (mask is not None and mask in region):
-        raise _Reject("the values or the mask are computed from the attention itself")
+        raise NotApplicable("the values or the mask are computed from the attention itself")
 
 
 def _rewrite_attention(gm: GraphModule, m: _AttentionMatch) -> None:
@@ -450,21 +445,21 @@ def _variance_of(stat: Node, region: list[Node]) -> tuple[str, Node]:
     """``("layer_norm", x)`` for a biased variance of ``x``, ``("rms_norm", x)`` for a mean square."""
     shape = shape_of(stat.args[0])
     if shape is None:
-        raise _Reject(f"{stat.name} has no shape information")
+        raise NotApplicable(f"{stat.name} has no shape information")
     if is_op(stat, aten.var):
         if not is_op(stat, aten.var.correction, aten.var.dim):
-            raise _Reject(f"{stat.name} is not a variance over given dimensions")
+            raise NotApplicable(f"{stat.name} is not a variance over given dimensions")
         args = normalized_args(stat)
         biased = args.get("correction", None) == 0 or args.get("unbiased", None) is False
         if not (_reduces_last_dim(args["dim"], len(shape)) and args["keepdim"] is True and biased):
-            raise _Reject(f"{stat.name} is not a biased variance over the last dimension with keepdim")
+            raise NotApplicable(f"{stat.name} is not a biased variance over the last dimension with keepdim")
         return "layer_norm", stat.args[0]
     if not _is_mean_last(stat):
-        raise _Reject(f"{stat.name} is not a mean over the last dimension with keepdim")
+        raise NotApplicable(f"{stat.name} is not a mean over the last dimension with keepdim")
     square, passed = source_through_identities(stat.args[0])
     base = _squared(square)
     if base is None:
-        raise _Reject(f"{stat.name} averages {square.name}, not a square")
+        raise NotApplicable(f"{stat.name} averages {square.name}, not a square")
     region += [*passed, square]
     x = _centred(base)
     if x is None:
@@ -479,21 +474,21 @@ def _normalized_value(kind: str, x: Node, anchor: Node, region: list[Node]) -> N
     region += passed
     inverse = passed[-1] if passed else anchor
     if user is None:
-        raise _Reject(f"{inverse.name} has {_users_text(inverse)}")
+        raise NotApplicable(f"{inverse.name} has {_users_text(inverse)}")
     if is_op(anchor, aten.rsqrt) and is_op(user, aten.mul.Tensor):
         operands = [a for a in user.args[:2] if a is not inverse]
     elif is_op(anchor, aten.sqrt) and is_op(user, aten.div.Tensor) and user.args[1] is inverse:
         operands = [user.args[0]]
     else:
-        raise _Reject(f"{user.name} does not normalize by {anchor.name}")
+        raise NotApplicable(f"{user.name} does not normalize by {anchor.name}")
     if len(operands) != 1:
-        raise _Reject(f"{user.name} does not normalize by {anchor.name}")
+        raise NotApplicable(f"{user.name} does not normalize by {anchor.name}")
     scaled = operands[0]
     if kind == "rms_norm" and not _same_value(scaled, x):
-        raise _Reject(f"{user.name} normalizes {scaled.name}, not {x.name}")
+        raise NotApplicable(f"{user.name} normalizes {scaled.name}, not {x.name}")
     if kind == "layer_norm":
         if not _same_value(_centred(scaled), x):
-            raise _Reject(f"{user.name} normalizes {scaled.name}, not the centred {x.name}")
+            raise NotApplicable(f"{user.name} normalizes {scaled.name}, not the centred {x.name}")
         region += [scaled, scaled.args[1]]
     return user
 
@@ -520,16 +515,16 @@ def _match_norm(anchor: Node) -> _NormMatch:
     total, passed = source_through_identities(anchor.args[0])
     region += [*passed, total]
     if normalized_args(total)["alpha"] != 1:
-        raise _Reject(f"{total.name} adds with alpha != 1")
+        raise NotApplicable(f"{total.name} adds with alpha != 1")
     a, b = total.args[0], total.args[1]
     stat, eps = (a, scalar_constant(b)) if is_op(a, aten.mean, aten.var) else (b, scalar_constant(a))
     if eps is None or not (math.isfinite(eps) and eps >= 0):
-        raise _Reject(f"{total.name} does not add a constant epsilon >= 0 to the statistic")
+        raise NotApplicable(f"{total.name} does not add a constant epsilon >= 0 to the statistic")
     region.append(stat)
     kind, x = _variance_of(stat, region)
     shape, x_val = shape_of(x), val_of(x)
     if shape is None or not isinstance(shape[-1], int) or not x_val.is_floating_point():
-        raise _Reject(f"{x.name} needs a floating-point tensor with a static last dimension")
+        raise NotApplicable(f"{x.name} needs a floating-point tensor with a static last dimension")
     size = shape[-1]
 
     output = _normalized_value(kind, x, anchor, region)
@@ -543,10 +538,10 @@ def _match_norm(anchor: Node) -> _NormMatch:
         region += [output, *step[2]]
         output, bias = step[0], step[1]
     if not _keeps_shape_and_dtype(output, x):
-        raise _Reject(f"{output.name} does not have the shape and dtype of {x.name}")
+        raise NotApplicable(f"{output.name} does not have the shape and dtype of {x.name}")
     leak = _leak(region, output)
     if leak is not None:
-        raise _Reject(leak)
+        raise NotApplicable(leak)
     return _NormMatch(kind, x, eps, output, weight, bias, region)
 
 
@@ -574,12 +569,6 @@ def _norm_candidates(gm: GraphModule) -> list[Node]:
     return [n for n in gm.graph.nodes if _is_norm_candidate(n)]
 
 
-def _summary(reasons: list[str]) -> str:
-    shown = "; ".join(reasons[:_REASONS_SHOWN])
-    more = len(reasons) - _REASONS_SHOWN
-    return shown + (f" (+{more} more)" if more > 0 else "")
-
-
 @register_pass
 class Canonicalize(Pass):
     """Explicit attention -> ``aten.scaled_dot_product_attention``; explicit LayerNorm / RMSNorm -> ATen ops.
@@ -591,34 +580,39 @@ class Canonicalize(Pass):
     name = "canonicalize"
     exact = True
 
-    def applicable(self, gm: GraphModule) -> tuple[bool, str]:
-        if _attention_candidates(gm) or _norm_candidates(gm):
-            return True, ""
-        return False, "no explicit attention or normalization formula in the graph"
+    def analyze(self, gm: GraphModule, ctx: PassContext) -> tuple[list[Node], list[Node]]:
+        """The candidates: ``rsqrt`` / ``sqrt`` of a statistic, and softmaxes. Each is matched as
+        the rewrite reaches it, on the graph the previous rewrites left (a rewritten norm may be
+        an attention's query or key); a rewrite never removes another candidate."""
+        norms, softmaxes = _norm_candidates(gm), _attention_candidates(gm)
+        if not (norms or softmaxes):
+            raise NotApplicable("no explicit attention or normalization formula in the graph")
+        return norms, softmaxes
 
-    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+    def rewrite(self, gm: GraphModule, candidates: tuple[list[Node], list[Node]], ctx: PassContext) -> PassResult:
+        norms, softmaxes = candidates
         stats = {"attention": 0, "layer_norm": 0, "rms_norm": 0}
         reasons: list[str] = []
         # Norms first: a normalized value may be an attention's query or key, and each match is made
         # on the graph as the previous rewrites left it.
-        for anchor in _norm_candidates(gm):
+        for anchor in norms:
             try:
                 match = _match_norm(anchor)
-            except _Reject as why:
-                reasons.append(f"{anchor.name}: {why}")
+            except NotApplicable as why:
+                reasons.append(f"{anchor.name}: {why.reason}")
                 continue
             _rewrite_norm(gm, match)
             stats[match.kind] += 1
-        for softmax in _attention_candidates(gm):
+        for softmax in softmaxes:
             try:
                 match = _match_attention(softmax)
-            except _Reject as why:
-                reasons.append(f"{softmax.name}: {why}")
+            except NotApplicable as why:
+                reasons.append(f"{softmax.name}: {why.reason}")
                 continue
             _rewrite_attention(gm, match)
             stats["attention"] += 1
         changed = any(stats.values())
-        message = _summary(reasons)
+        message = summarize_reasons(reasons)
         if changed and message:
             message = "left alone: " + message
         return PassResult(changed=changed, stats=stats, message=message)

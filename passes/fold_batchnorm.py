@@ -24,8 +24,8 @@ import torch
 from torch.fx import GraphModule, Node
 
 from graphopt.ir import aten, get_tensor, is_op, normalized_args, op_name, op_nodes, replace_node, shape_of
-from graphopt.pipeline.pass_base import Pass, PassContext, PassResult, register_pass
-from graphopt.ir.weights import CONV_OPS, NotFoldable, fold_affine_after, output_channel_dim
+from graphopt.ir.weights import CONV_OPS, fold_affine_after, output_channel_dim
+from graphopt.pipeline.pass_base import NotApplicable, Pass, PassContext, PassResult, register_pass
 
 BATCH_NORM_OPS = (
     aten.batch_norm,
@@ -94,8 +94,8 @@ def _fold(gm: GraphModule, bn: Node) -> str | None:
     layer = normalized_args(bn)["input"]
     try:
         fold_affine_after(gm, layer, *_scale_shift(gm, bn))
-    except NotFoldable as e:
-        return str(e)
+    except NotApplicable as e:
+        return e.reason
     replace_node(_normalized_output(bn), layer, erase=False)
     for user in list(bn.users):  # getitems, now unused, of the tuple-returning forms
         gm.graph.erase_node(user)
@@ -110,13 +110,17 @@ class FoldBatchNorm(Pass):
     name = "fold_batchnorm"
     exact = True
 
-    def applicable(self, gm: GraphModule) -> tuple[bool, str]:
-        found = bool(op_nodes(gm, *BATCH_NORM_OPS))
-        return found, "" if found else "no BatchNorm in the graph"
+    def analyze(self, gm: GraphModule, ctx: PassContext) -> list[Node]:
+        """The BatchNorm nodes; whether each folds is decided as the rewrite reaches it, since
+        folding one can make the next foldable (``conv -> bn -> bn``: the second then follows the conv)."""
+        norms = op_nodes(gm, *BATCH_NORM_OPS)
+        if not norms:
+            raise NotApplicable("no BatchNorm in the graph")
+        return norms
 
-    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+    def rewrite(self, gm: GraphModule, norms: list[Node], ctx: PassContext) -> PassResult:
         folded, left = 0, []
-        for bn in op_nodes(gm, *BATCH_NORM_OPS):
+        for bn in norms:
             reason = _why_not_foldable(bn) or _fold(gm, bn)
             if reason:
                 left.append(f"{bn.name}: {reason}")

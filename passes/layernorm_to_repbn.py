@@ -1,36 +1,154 @@
 """``layernorm_to_repbn``: LayerNorm -> progressive re-parameterized BatchNorm (SLAB, ICML 2024).
 
 Replaces chosen ``aten.layer_norm`` nodes (over the last dim) by ``call_module`` nodes of
-:class:`graphopt.tools.repbn.PRepBN` modules registered on the graph module, which compute
+:class:`PRepBN` modules registered on the graph module, which compute
 
     γ·LN(x) + (1 − γ)·(BN(x) + η·x)
 
 with the LayerNorm's own gain and bias, a new BatchNorm over the channels (weight 1, bias 0, mean 0,
 var 1) and η (one scalar, 1 by default), all ``get_attr`` constants passed to the module, the
 BatchNorm weight and bias and η as ``nn.Parameter``. The modules of one run share one
-:class:`graphopt.tools.repbn.Progress`; it starts at p = 0 (γ = 1), where the node computes exactly the
-LayerNorm it replaced, so verification passes. The pass is approximate because its purpose is the
-model at p = 1 after fine-tuning: use :func:`graphopt.tools.repbn.prepare` for a trainable model with
-``set_progress``, :func:`graphopt.tools.repbn.distill` to recover, :func:`graphopt.finalize` to fold.
+:class:`Progress`; it starts at p = 0 (γ = 1), where the node computes exactly the LayerNorm it
+replaced, so verification passes. The pass is approximate because its purpose is the model at p = 1
+after fine-tuning: use :func:`graphopt.tools.repbn.prepare` for a trainable model with
+``set_progress``, :func:`graphopt.tools.repbn.distill` to recover, :func:`graphopt.finalize` to fold
+(the ``fold_repbn`` pass, ``passes/fold_repbn.py``).
 
 Selection: all LayerNorms by default, or those at ``layers`` (indices over the graph's
 ``aten.layer_norm`` nodes in graph order) and/or those where the regular expression ``pattern`` is
 found in the weight's attribute name, the module path (``nn_module_stack``) or the node name. A
 LayerNorm over more than the last dim is left alone, with the reason.
+
+This module also holds what the PRepBN graph is made of, for the ``fold_repbn`` pass and the
+workflow in :mod:`graphopt.tools.repbn` (passes may not import tools): the :class:`PRepBN` module,
+its shared :class:`Progress` and γ schedule (:func:`linear_schedule`), the order of its node's
+arguments (:data:`ARGUMENTS`), :func:`prepbn_nodes`, :func:`repbn_scale_shift` and
+:func:`as_parameter`.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 from torch.fx import GraphModule, Node
 
 from graphopt.ir import add_constant, aten, normalized_args, op_nodes, replace_node, val_of
-from graphopt.pipeline.pass_base import Pass, PassContext, PassResult, register_pass
-from graphopt.tools.repbn import PRepBN, Progress, as_parameter, linear_schedule
+from graphopt.ir.spec import allow_module_calls
+from graphopt.pipeline.pass_base import NotApplicable, Pass, PassContext, PassResult, register_pass
 from graphopt.pipeline.verify import MinCosine
+
+ARGUMENTS = ("input", "ln_weight", "ln_bias", "bn_weight", "bn_bias", "running_mean", "running_var", "eta")
+"""The arguments of a PRepBN ``call_module`` node, in order."""
+
+LEARNABLE = ("ln_weight", "ln_bias", "bn_weight", "bn_bias", "eta")
+"""The PRepBN arguments that training updates by gradient (the statistics are updated by BatchNorm)."""
+
+
+def linear_schedule(p: float) -> float:
+    """SLAB's schedule: γ = 1 − p."""
+    return 1.0 - p
+
+
+class Progress:
+    """The progress p ∈ [0, 1] that the PRepBN modules of one model share, and their γ = schedule(p).
+
+    ``schedule`` maps p to γ ∈ [0, 1] and must give γ = 1 at p = 0 (the original model) and γ = 0 at
+    p = 1 (RepBN alone, which :func:`graphopt.finalize` needs).
+    """
+
+    def __init__(self, schedule: Callable[[float], float] = linear_schedule):
+        for p, wanted in ((0.0, 1.0), (1.0, 0.0)):
+            got = float(schedule(p))
+            if got != wanted:
+                raise ValueError(f"a PRepBN schedule must give gamma={wanted:g} at progress {p:g}, got {got:g}")
+        self.schedule = schedule
+        self.p, self.gamma = 0.0, 1.0
+
+    def set(self, p: float) -> None:
+        """Move to progress ``p``."""
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"progress must be in [0, 1], got {p}")
+        gamma = float(self.schedule(p))
+        if not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"the schedule gave gamma={gamma:g} at progress {p:g}; gamma must be in [0, 1]")
+        self.p, self.gamma = float(p), gamma
+
+    def __repr__(self) -> str:
+        return f"Progress(p={self.p:g}, gamma={self.gamma:g})"
+
+
+class PRepBN(nn.Module):
+    """``γ·LN(x) + (1 − γ)·(BN(x) + η·x)`` over the last dim of ``x``; γ comes from a shared :class:`Progress`.
+
+    The module holds no tensors: its graph node passes them in (see :data:`ARGUMENTS`) as
+    ``get_attr`` constants of the graph module, because graphopt's clean-up drops any constant that
+    no ``get_attr`` node reads. In training mode BatchNorm normalises with the batch's statistics
+    and updates the running ones (as SLAB trains), unless ``batch_statistics`` is False: then it
+    uses the running statistics as in eval mode ("frozen" BatchNorm, see :func:`graphopt.tools.repbn.distill`). A branch
+    whose weight is zero is not computed, except BatchNorm when it updates its running statistics,
+    so that they follow the features from the first step.
+    """
+
+    def __init__(self, channels: int, ln_eps: float, bn_eps: float, momentum: float, progress: Progress, source: str = ""):
+        super().__init__()
+        self.channels = channels
+        self.ln_eps = ln_eps
+        self.bn_eps = bn_eps
+        self.momentum = momentum
+        self.progress = progress
+        self.source = source  # the replaced LayerNorm, for messages
+        self.batch_statistics = True
+
+    @property
+    def updates_statistics(self) -> bool:
+        return self.training and self.batch_statistics
+
+    def forward(self, x, ln_weight, ln_bias, bn_weight, bn_bias, running_mean, running_var, eta):
+        gamma = self.progress.gamma
+        rep = self.repbn(x, bn_weight, bn_bias, running_mean, running_var, eta) if gamma < 1 or self.updates_statistics else None
+        if gamma == 0:
+            return rep
+        ln = F.layer_norm(x, (self.channels,), ln_weight, ln_bias, self.ln_eps)
+        return ln if gamma == 1 else gamma * ln + (1 - gamma) * rep
+
+    def repbn(self, x, bn_weight, bn_bias, running_mean, running_var, eta):
+        """``BN(x) + η·x``, BatchNorm over the channels of all tokens (``x`` flattened to ``[-1, C]``)."""
+        rows = x.reshape(-1, self.channels)
+        normalized = F.batch_norm(rows, running_mean, running_var, bn_weight, bn_bias, self.updates_statistics, self.momentum, self.bn_eps)
+        return normalized.reshape(x.shape) + eta * x
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}, source={self.source!r}, {self.progress}"
+
+
+allow_module_calls(PRepBN, "graphopt.finalize (the fold_repbn pass) replaces each PRepBN node by its affine map")
+
+
+def repbn_scale_shift(bn_weight, bn_bias, running_mean, running_var, eta, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode RepBN as ``x·scale + shift`` (float64): ``scale = s + η``, ``shift = b − mean·s``, ``s = w / sqrt(var + eps)``."""
+    s = bn_weight.double() / torch.sqrt(running_var.double() + eps)
+    return s + eta.double(), bn_bias.double() - running_mean.double() * s
+
+
+def as_parameter(gm: GraphModule, target: str, requires_grad: bool = False) -> nn.Parameter:
+    """Make the constant at ``target`` an ``nn.Parameter`` of ``gm`` (a buffer becomes one) and return it."""
+    *path, leaf = target.split(".")
+    owner = gm.get_submodule(".".join(path))
+    if leaf in owner._buffers:
+        owner.register_parameter(leaf, nn.Parameter(owner._buffers.pop(leaf), requires_grad=requires_grad))
+    param = owner._parameters[leaf]
+    param.requires_grad_(requires_grad)
+    return param
+
+
+def prepbn_nodes(gm: GraphModule) -> list[Node]:
+    """The ``call_module`` nodes of ``gm`` that call a :class:`PRepBN`, in graph order."""
+    return [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), PRepBN)]
 
 
 def _module_path(node: Node) -> str:
@@ -70,63 +188,73 @@ class LayerNormToRepBN(Pass):
     budget = MinCosine(0.99)
     after = ("canonicalize",)
 
-    def __init__(
-        self,
-        layers: Sequence[int] | None = None,
-        pattern: str | None = None,
-        schedule: Callable[[float], float] = linear_schedule,
-        eta: float = 1.0,
-        momentum: float = 0.1,
-        bn_eps: float = 1e-5,
-    ):
-        Progress(schedule)  # rejects a bad schedule now rather than inside the pipeline
-        self.layers = None if layers is None else list(layers)
-        self.pattern = pattern
-        self.schedule = schedule
-        self.eta = eta
-        self.momentum = momentum
-        self.bn_eps = bn_eps
+    @dataclass(frozen=True)
+    class Config:
+        """Options of ``layernorm_to_repbn``.
 
-    def _selected(self, gm: GraphModule) -> tuple[list[Node], str]:
-        """The chosen LayerNorm nodes, or none and why."""
+        Attributes:
+            layers: indices of the ``aten.layer_norm`` nodes to replace, in graph order (negative
+                indices count from the end); None for all. Stored as a tuple.
+            pattern: a regular expression; only LayerNorms where it is found (``re.search``) in the
+                weight's attribute name, the module path or the node name are replaced.
+            schedule: γ as a function of progress p; must give γ = 1 at p = 0 and γ = 0 at p = 1.
+            eta: the initial η.
+            momentum: BatchNorm's momentum for its running statistics.
+            bn_eps: BatchNorm's epsilon.
+        """
+
+        layers: tuple[int, ...] | None = None
+        pattern: str | None = None
+        schedule: Callable[[float], float] = linear_schedule
+        eta: float = 1.0
+        momentum: float = 0.1
+        bn_eps: float = 1e-5
+
+        def __post_init__(self):
+            if self.layers is not None:
+                object.__setattr__(self, "layers", tuple(self.layers))
+            Progress(self.schedule)  # rejects a bad schedule now rather than inside the pipeline
+
+    def _selected(self, gm: GraphModule) -> list[Node]:
+        """The chosen LayerNorm nodes; :class:`NotApplicable` when there are none."""
+        cfg = self.config
         norms = op_nodes(gm, aten.layer_norm)
         if not norms:
-            return [], "no LayerNorm (aten.layer_norm) in the graph"
+            raise NotApplicable("no LayerNorm (aten.layer_norm) in the graph")
         chosen = norms
-        if self.layers is not None:
-            outside = [i for i in self.layers if not -len(norms) <= i < len(norms)]
+        if cfg.layers is not None:
+            outside = [i for i in cfg.layers if not -len(norms) <= i < len(norms)]
             if outside:
-                return [], f"layers {outside} out of range: the graph has {len(norms)} LayerNorms"
-            wanted = {i % len(norms) for i in self.layers}
+                raise NotApplicable(f"layers {outside} out of range: the graph has {len(norms)} LayerNorms")
+            wanted = {i % len(norms) for i in cfg.layers}
             chosen = [n for i, n in enumerate(norms) if i in wanted]
-        if self.pattern is not None:
-            regex = re.compile(self.pattern)
+        if cfg.pattern is not None:
+            regex = re.compile(cfg.pattern)
             chosen = [n for n in chosen if any(regex.search(name) for name in _names(n))]
             if not chosen:
-                return [], f"no LayerNorm matches pattern {self.pattern!r} (first: {', '.join(_names(norms[0]))})"
-        return chosen, ""
+                raise NotApplicable(f"no LayerNorm matches pattern {cfg.pattern!r} (first: {', '.join(_names(norms[0]))})")
+        return chosen
 
-    def applicable(self, gm: GraphModule) -> tuple[bool, str]:
-        chosen, reason = self._selected(gm)
-        if chosen and all(_why_not_convertible(n) for n in chosen):
-            reason = "; ".join(f"{n.name}: {_why_not_convertible(n)}" for n in chosen)
-            return False, reason
-        return bool(chosen), reason
-
-    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
-        progress = Progress(self.schedule)
-        chosen, _ = self._selected(gm)
-        left = []
-        replaced = 0
-        for ln in chosen:
+    def analyze(self, gm: GraphModule, ctx: PassContext) -> tuple[list[Node], list[str]]:
+        """The LayerNorms to replace, and a ``"node: why not"`` line for each chosen one left alone."""
+        convertible, left = [], []
+        for ln in self._selected(gm):
             why = _why_not_convertible(ln)
             if why:
                 left.append(f"{ln.name}: {why}")
-                continue
+            else:
+                convertible.append(ln)
+        if not convertible:
+            raise NotApplicable("; ".join(left))
+        return convertible, left
+
+    def rewrite(self, gm: GraphModule, analysis: tuple[list[Node], list[str]], ctx: PassContext) -> PassResult:
+        convertible, left = analysis
+        progress = Progress(self.config.schedule)
+        for ln in convertible:
             self._replace(gm, ln, progress)
-            replaced += 1
         message = "left alone: " + "; ".join(left) if left else ""
-        return PassResult(changed=replaced > 0, stats={"replaced": replaced, "left": len(left)}, message=message)
+        return PassResult(changed=True, stats={"replaced": len(convertible), "left": len(left)}, message=message)
 
     def _replace(self, gm: GraphModule, ln: Node, progress: Progress) -> None:
         args = normalized_args(ln)
@@ -146,9 +274,9 @@ class LayerNormToRepBN(Pass):
             constant(torch.zeros(channels, dtype=dtype), "bn_bias", True),
             constant(torch.zeros(channels, dtype=dtype), "running_mean", False),
             constant(torch.ones(channels, dtype=dtype), "running_var", False),
-            constant(torch.full((1,), self.eta, dtype=dtype), "eta", True),
+            constant(torch.full((1,), self.config.eta, dtype=dtype), "eta", True),
         )
-        module = PRepBN(channels, args["eps"], self.bn_eps, self.momentum, progress, source=_module_path(ln) or ln.name)
+        module = PRepBN(channels, args["eps"], self.config.bn_eps, self.config.momentum, progress, source=_module_path(ln) or ln.name)
         module.train(gm.training)  # captured graphs are in eval mode: BatchNorm must not update its statistics
         gm.add_submodule(target, module)
         with gm.graph.inserting_before(ln):

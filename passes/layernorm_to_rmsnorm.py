@@ -57,22 +57,12 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule, Node
 
-from graphopt.ir import add_constant, aten, external_user, get_tensor, is_op, normalized_args, replace_node, shape_of
+from graphopt.ir import NotApplicable, add_constant, aten, describe, external_user, get_tensor, is_op, normalized_args, replace_node, shape_of
 from graphopt.ir.match import VIEW_OPS, same_shape
-from graphopt.pipeline.pass_base import Pass, PassContext, PassResult, register_pass
-from graphopt.ir.streams import (
-    NORM_OPS,
-    ResidualStream,
-    UntraceableWriter,
-    WriterTrace,
-    describe,
-    find_residual_streams,
-    is_transparent,
-    trace_writer,
-)
+from graphopt.ir.streams import ResidualStream, WriterTrace, find_residual_streams, is_norm, is_transparent, trace_writer
 from graphopt.ir.weights import affine_before
+from graphopt.pipeline.pass_base import Pass, PassContext, PassResult, register_pass, summarize_reasons
 
-_REASONS_SHOWN = 3
 _SIZED_OPS = (*VIEW_OPS, aten.expand)  # ops whose size argument names the hidden size
 
 
@@ -92,10 +82,6 @@ class _Plan:
         return self.stream.hidden_size
 
 
-class _NotConvertible(Exception):
-    """A stream this pass leaves alone; the message says which node stops it."""
-
-
 def _is_layer_norm_over(node: Node, d: int, stream_nodes: set[Node]) -> bool:
     if not is_op(node, aten.layer_norm):
         return False
@@ -104,7 +90,7 @@ def _is_layer_norm_over(node: Node, d: int, stream_nodes: set[Node]) -> bool:
 
 
 def _check_readers(stream: ResidualStream, d: int) -> list[Node]:
-    """The stream's LayerNorms; :class:`_NotConvertible` when anything else reads it."""
+    """The stream's LayerNorms; :class:`NotApplicable` when anything else reads it."""
     nodes = set(stream.nodes)
     if stream.norms:
         norm = stream.norms[-1]
@@ -113,18 +99,18 @@ def _check_readers(stream: ResidualStream, d: int) -> list[Node]:
             add = next(u for u in add.users if u in nodes)
         other = next((r for r in stream.readers if not _is_layer_norm_over(r, d, nodes)), None)
         read = f", so {describe(other)} reads the stream, not only LayerNorm" if other else ""
-        raise _NotConvertible(f"post-LN: {add.name} reads the output of LayerNorm {norm.name}{read}")
+        raise NotApplicable(f"post-LN: {add.name} reads the output of LayerNorm {norm.name}{read}")
     layer_norms = [r for r in stream.readers if _is_layer_norm_over(r, d, nodes)]
     if not layer_norms:
-        rms = [r for r in stream.readers if is_op(r, *NORM_OPS)]
+        rms = [r for r in stream.readers if is_norm(r)]
         if rms:
-            raise _NotConvertible(f"no LayerNorm reads it: already RMSNorm ({describe(rms[0])})")
-        raise _NotConvertible("no LayerNorm reads it")
+            raise NotApplicable(f"no LayerNorm reads it: already RMSNorm ({describe(rms[0])})")
+        raise NotApplicable("no LayerNorm reads it")
     for reader in stream.readers:
         if reader.op == "output":
-            raise _NotConvertible("the raw stream is a graph output (no LayerNorm before it), so its mean is seen")
+            raise NotApplicable("the raw stream is a graph output (no LayerNorm before it), so its mean is seen")
         if reader not in layer_norms:
-            raise _NotConvertible(f"reader {describe(reader)} is not a LayerNorm over the hidden dim")
+            raise NotApplicable(f"reader {describe(reader)} is not a LayerNorm over the hidden dim")
     return layer_norms
 
 
@@ -133,7 +119,7 @@ def _constant(op: Node, name: str, *, optional: bool = False) -> Node | None:
     if value is None and optional:
         return None
     if not (isinstance(value, Node) and value.op == "get_attr"):
-        raise _NotConvertible(f"the {name} of writer {describe(op)} is not a constant")
+        raise NotApplicable(f"the {name} of writer {describe(op)} is not a constant")
     return value
 
 
@@ -172,22 +158,22 @@ def _check_writers(stream: ResidualStream, d: int, compress: bool) -> list[Write
     traces = []
     for writer in stream.writers:
         if writer.op == "placeholder":
-            raise _NotConvertible(f"writer {writer.name} is a graph input")
+            raise NotApplicable(f"writer {writer.name} is a graph input")
         try:
             trace = trace_writer(writer)
-        except UntraceableWriter as e:
-            raise _NotConvertible(f"writer {writer.name} is not recentrable: {e}") from None
+        except NotApplicable as e:
+            raise NotApplicable(f"writer {writer.name} is not recentrable: {e.reason}", node=e.node) from None
         for leaf in trace.leaves:
             _leaf_parameters(leaf.node)  # raises when a weight or bias is not a constant
         ops = [n for n, _ in trace.path] + [leaf.node for leaf in trace.leaves if leaf.node.op != "get_attr"]
         leaked = external_user([*ops, *stream.nodes], keep=stream.nodes)
         if leaked is not None:
             users = ", ".join(u.name for u in leaked.users)
-            raise _NotConvertible(f"writer {writer.name} is not recentrable: {leaked.name} is also read outside the stream ({users})")
+            raise NotApplicable(f"writer {writer.name} is not recentrable: {leaked.name} is also read outside the stream ({users})")
         if compress:
             for node, dim in trace.path:
                 if not _shrinkable(node, dim, d):
-                    raise _NotConvertible(f"cannot compress: {describe(node)} has a fixed size other than {d} in the hidden dim")
+                    raise NotApplicable(f"cannot compress: {describe(node)} has a fixed size other than {d} in the hidden dim")
         traces.append(trace)
     return traces
 
@@ -195,13 +181,13 @@ def _check_writers(stream: ResidualStream, d: int, compress: bool) -> list[Write
 def _plan(stream: ResidualStream, compress: bool) -> _Plan:
     d = stream.hidden_size
     if not isinstance(d, int):
-        raise _NotConvertible("its hidden size is not static")
+        raise NotApplicable("its hidden size is not static")
     layer_norms = _check_readers(stream, d)
     traces = _check_writers(stream, d, compress)
     if compress:
         for node in stream.nodes:
             if not _shrinkable(node, len(shape_of(node)) - 1, d):
-                raise _NotConvertible(f"cannot compress: {describe(node)} has a fixed size other than {d} in the hidden dim")
+                raise NotApplicable(f"cannot compress: {describe(node)} has a fixed size other than {d} in the hidden dim")
     return _Plan(stream, traces, layer_norms)
 
 
@@ -211,14 +197,9 @@ def _analyse(gm: GraphModule, compress: bool) -> tuple[list[_Plan], list[str]]:
     for stream in find_residual_streams(gm):
         try:
             plans.append(_plan(stream, compress))
-        except _NotConvertible as e:
-            reasons.append(f"stream {stream.name}: {e}")
+        except NotApplicable as e:
+            reasons.append(f"stream {stream.name}: {e.reason}")
     return plans, reasons
-
-
-def _summary(reasons: list[str]) -> str:
-    shown = "; ".join(reasons[:_REASONS_SHOWN])
-    return shown + (f"; and {len(reasons) - _REASONS_SHOWN} more" if len(reasons) > _REASONS_SHOWN else "")
 
 
 # ----------------------------------------------------------------------------- rewriting
@@ -407,30 +388,40 @@ class LayerNormToRMSNorm(Pass):
     exact = True
     after = ("canonicalize",)
 
-    def __init__(self, compress: bool = False):
-        self.compress = compress
+    @dataclass(frozen=True)
+    class Config:
+        """Options of ``layernorm_to_rmsnorm``.
 
-    def applicable(self, gm: GraphModule) -> tuple[bool, str]:
-        plans, reasons = _analyse(gm, self.compress)
+        Attributes:
+            compress: Pre-CRMSNorm: store each converted stream ``d - 1`` wide (see the module docstring).
+        """
+
+        compress: bool = False
+
+    def analyze(self, gm: GraphModule, ctx: PassContext) -> tuple[list[_Plan], list[str]]:
+        """Plans for the convertible streams and a reason for each other stream; :class:`NotApplicable`
+        when no stream converts."""
+        plans, reasons = _analyse(gm, self.config.compress)
         if plans:
-            return True, ""
+            return plans, reasons
         if not reasons:
-            return False, "no residual stream in the graph"
-        return False, f"no convertible residual stream: {_summary(reasons)}"
+            raise NotApplicable("no residual stream in the graph")
+        raise NotApplicable(f"no convertible residual stream: {summarize_reasons(reasons)}")
 
-    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
-        plans, reasons = _analyse(gm, self.compress)
+    def rewrite(self, gm: GraphModule, analysis: tuple[list[_Plan], list[str]], ctx: PassContext) -> PassResult:
+        plans, reasons = analysis
+        compress = self.config.compress
         untied = _untied(gm, plans)
-        rewriter = _Rewriter(gm, self.compress)
+        rewriter = _Rewriter(gm, compress)
         leaves = layer_norms = 0
         for plan in plans:
             leaves += rewriter.recentre_writers(plan)
             for ln in plan.layer_norms:
-                if self.compress:
+                if compress:
                     rewriter.to_crms_norm(ln, plan.hidden_size)
                 else:
                     rewriter.to_rms_norm(ln)
                 layer_norms += 1
         stats = {"streams": len(plans), "layer_norms": layer_norms, "writers_recentred": leaves, "untied": untied}
-        message = f"left {len(reasons)} stream(s): {_summary(reasons)}" if reasons else ""
+        message = f"left {len(reasons)} stream(s): {summarize_reasons(reasons)}" if reasons else ""
         return PassResult(changed=bool(plans), stats=stats, message=message)

@@ -23,9 +23,10 @@ An integer mask input is taken to hold 0 (pad) and 1 (token), as ``attention_mas
 
 **The token-wise region.** Tensors with the batch and sequence dimensions of the mask get a
 layout (which dimensions are batch and sequence; the packed form moves them to the front and
-merges them into ``T``). Linear, layer/RMS norms, pointwise ops with token-independent operands,
-eval-mode dropout, softmax over a feature dimension, embedding lookups, views that split or merge
-only trailing feature dimensions, transposes and SDPA keep a layout. The pack goes where one
+merges them into ``T``). Linear, layer/RMS norms, custom ops whose op record declares them
+token-wise (``OpRecord.tokenwise``), pointwise ops with token-independent operands, eval-mode
+dropout, softmax over a feature dimension, embedding lookups, views that split or merge only
+trailing feature dimensions, transposes and SDPA keep a layout. The pack goes where one
 tensor carries everything the region needs: the earliest ``[B, S, ...]`` ancestor of the
 attentions from which the region reaches every SDPA. In BERT that is the sum of the word, type
 and position embeddings (the position embeddings depend on the position, which the packed layout
@@ -38,8 +39,8 @@ pads where the original saw pad-token values, so the pass follows them: multiply
 (masked-mean pooling), selecting a fixed position (CLS pooling) and token-wise ops are fine; an
 op that reads pad positions otherwise (a reduction or convolution over the sequence, a cumsum)
 makes the pass not applicable, as does a sequence-mixing op between the pack and an attention.
-Graph outputs are compared at valid tokens only (``output_masks``): at pad positions the original
-values are meaningless, and the rewritten graph gives zeros.
+Graph outputs are compared at valid tokens only (the ``output_masks`` of the pass's result): at pad
+positions the original values are meaningless, and the rewritten graph gives zeros.
 """
 
 from __future__ import annotations
@@ -50,11 +51,11 @@ from typing import Any, Callable
 
 import torch
 from torch.fx import GraphModule, Node
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 import graphopt.ops.varlen  # noqa: F401  (registers the graphopt:: packing and attention ops)
-from graphopt.ir import aten, is_op, normalized_args, op_name, op_nodes, shape_of, val_of
-from graphopt.ir.match import VIEW_OPS, is_value_identity, normalize_dim, permutation, same_shape
+from graphopt.ir import NotApplicable, aten, describe, is_op, normalized_args, op_nodes, shape_of, val_of
+from graphopt.ir.match import VIEW_OPS, is_value_identity, known_true, normalize_dim, permutation, same_shape
+from graphopt.ir.oprecord import op_record
 from graphopt.pipeline.pass_base import Pass, PassContext, PassResult, register_pass
 
 _SDPA = aten.scaled_dot_product_attention.default
@@ -63,18 +64,6 @@ _CASTS = (aten.to, aten._to_copy, aten.type_as)
 _LOGICAL = (aten.__and__, aten.__or__, aten.__xor__, aten.where)  # pointwise, but not tagged so
 _NORMS = (aten.layer_norm.default, aten.rms_norm.default)
 _SOFTMAX = (aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default)
-
-
-class _Reject(Exception):
-    """The graph is not a padded encoder this pass can rewrite; the message says why."""
-
-
-def _describe(node: Node) -> str:
-    return f"{node.name} ({op_name(node.target)})" if node.op == "call_function" else node.name
-
-
-def _known(condition: Any) -> bool:
-    return bool(statically_known_true(condition))
 
 
 def _rank(node: Any) -> int | None:
@@ -125,7 +114,7 @@ class _MaskAnalysis:
         if not isinstance(node, Node):
             if isinstance(node, (bool, int, float)):
                 return _Const(node)
-            raise _Reject(f"the mask derivation takes {node!r}, not a tensor")
+            raise NotApplicable(f"the mask derivation takes {node!r}, not a tensor")
         if node not in self.values:
             self.values[node] = self._evaluate(node)
         return self.values[node]
@@ -133,7 +122,7 @@ class _MaskAnalysis:
     def try_value(self, node: Any) -> Any | None:
         try:
             return self.value(node)
-        except _Reject:
+        except NotApplicable:
             return None
 
     def _evaluate(self, node: Node) -> Any:
@@ -141,14 +130,14 @@ class _MaskAnalysis:
         if node.op == "placeholder":
             if isinstance(val, torch.Tensor) and val.dim() == 2 and not val.is_floating_point():
                 return _Padded(node, -2, -1, valid=_scalar(1, val.dtype).item(), pad=_scalar(0, val.dtype).item())
-            raise _Reject(f"it depends on the input {node.name}, which is not a [batch, seq] integer or boolean mask")
+            raise NotApplicable(f"it depends on the input {node.name}, which is not a [batch, seq] integer or boolean mask")
         if node.op == "get_attr":
             tensor = getattr(node.graph.owning_module, node.target, None)
             if isinstance(tensor, torch.Tensor) and tensor.numel() == 1:
                 return _Const(tensor.item())
-            raise _Reject(f"it depends on the constant {node.name}")
+            raise NotApplicable(f"it depends on the constant {node.name}")
         if node.op != "call_function":
-            raise _Reject(f"it depends on {node.name}")
+            raise NotApplicable(f"it depends on {node.name}")
         if is_op(
             node,
             aten.zeros,
@@ -166,7 +155,7 @@ class _MaskAnalysis:
         if is_op(node, aten.arange.default, aten.arange.start, aten.arange.start_step):
             return self._arange(node)
         if is_op(node, aten.sym_size):
-            raise _Reject(f"{node.name} is a size, not a mask")
+            raise NotApplicable(f"{node.name} is a size, not a mask")
         if is_op(node, aten.index.Tensor):
             return self._index(node)
         if is_op(node, *_CASTS) or is_op(node, *_LOGICAL) or torch.Tag.pointwise in node.target.tags:
@@ -182,13 +171,13 @@ class _MaskAnalysis:
         args = normalized_args(node)
         value = args.get("fill_value", args.get("s"))
         if not isinstance(value, (bool, int, float)):
-            raise _Reject(f"{_describe(node)} fills with a computed value")
+            raise NotApplicable(f"{describe(node)} fills with a computed value")
         return value
 
     def _arange(self, node: Node) -> _Ramp:
         args = normalized_args(node)
         if args.get("start", 0) != 0 or args.get("step", 1) != 1:
-            raise _Reject(f"{_describe(node)} is not arange(n)")
+            raise NotApplicable(f"{describe(node)} is not arange(n)")
         return _Ramp(-1)
 
     def _index(self, node: Node) -> _Padded:
@@ -196,10 +185,10 @@ class _MaskAnalysis:
         source, indices = node.args[0], node.args[1]
         src = self.value(source)
         if not isinstance(src, _Padded) or (src.batch_dim, src.seq_dim) != (-2, -1) or _rank(source) != 2 or len(indices) != 2:
-            raise _Reject(f"{_describe(node)} indexes the mask other than by one index per dimension")
+            raise NotApplicable(f"{describe(node)} indexes the mask other than by one index per dimension")
         ramps = [self.value(i) if isinstance(i, Node) else None for i in indices]
         if not all(isinstance(r, _Ramp) for r in ramps):
-            raise _Reject(f"{_describe(node)} indexes the mask with something other than index ramps")
+            raise NotApplicable(f"{describe(node)} indexes the mask with something other than index ramps")
         # A ramp may be sized from another input (Hugging Face takes the batch size from the ids);
         # the packing ops then need the two sizes equal and raise where they are not.
         return _Padded(src.source, ramps[0].dim, ramps[1].dim, src.valid, src.pad)
@@ -215,7 +204,7 @@ class _MaskAnalysis:
             return _Const(self._apply(node, values, lambda v: v.value))
         first = padded[0]
         if any((p.source, p.batch_dim, p.seq_dim) != (first.source, first.batch_dim, first.seq_dim) for p in padded):
-            raise _Reject(f"{_describe(node)} combines masks laid out along different dimensions")
+            raise NotApplicable(f"{describe(node)} combines masks laid out along different dimensions")
         valid = self._apply(node, values, lambda v: v.valid if isinstance(v, _Padded) else v.value)
         pad = self._apply(node, values, lambda v: v.pad if isinstance(v, _Padded) else v.value)
         return _Padded(first.source, first.batch_dim, first.seq_dim, valid, pad)
@@ -223,9 +212,9 @@ class _MaskAnalysis:
     def _ramp_op(self, node: Node, values: dict, ramps: list, padded: list) -> Any:
         """Ops on index ramps: ``ramp + 0`` is the ramp, ``ramp >= c`` (``c <= 0``) is all True."""
         if len(ramps) > 1:
-            raise _Reject(f"{_describe(node)} compares query and key positions (a causal or windowed mask)")
+            raise NotApplicable(f"{describe(node)} compares query and key positions (a causal or windowed mask)")
         if padded:
-            raise _Reject(f"{_describe(node)} mixes positions into the padding mask")
+            raise NotApplicable(f"{describe(node)} mixes positions into the padding mask")
         other = [v.value for v in values.values() if isinstance(v, _Const)] + [a for a in node.args[1:] if isinstance(a, (int, float))]
         if is_op(node, *_CASTS) or is_value_identity(node):
             return ramps[0]
@@ -234,7 +223,7 @@ class _MaskAnalysis:
         if node.args[0] is not None and values.get(node.args[0]) is ramps[0] and len(other) == 1:
             if (is_op(node, aten.ge) and other[0] <= 0) or (is_op(node, aten.gt) and other[0] < 0):
                 return _Const(True)
-        raise _Reject(f"{_describe(node)} makes the mask depend on the position")
+        raise NotApplicable(f"{describe(node)} makes the mask depend on the position")
 
     @staticmethod
     def _apply(node: Node, values: dict, pick: Callable[[Any], Any]) -> Any:
@@ -249,18 +238,18 @@ class _MaskAnalysis:
         try:
             result = node.target(*args, **kwargs)
         except (RuntimeError, TypeError) as e:
-            raise _Reject(f"{_describe(node)} cannot be evaluated on a mask value ({e})") from None
+            raise NotApplicable(f"{describe(node)} cannot be evaluated on a mask value ({e})") from None
         return result.item() if isinstance(result, torch.Tensor) else result
 
     def _shape_op(self, node: Node) -> Any:
         source = node.args[0] if node.args else None
         if not isinstance(source, Node):
-            raise _Reject(f"{_describe(node)} is not a recognised mask derivation")
+            raise NotApplicable(f"{describe(node)} is not a recognised mask derivation")
         value = self.value(source)
         if isinstance(value, _Const):
             if is_op(node, aten.unsqueeze, aten.expand, aten.slice, aten.permute, aten.transpose, aten.squeeze, *VIEW_OPS):
                 return value
-            raise _Reject(f"{_describe(node)} is not a recognised mask derivation")
+            raise NotApplicable(f"{describe(node)} is not a recognised mask derivation")
         mapping = self._dim_mapping(node, source)
         if isinstance(value, _Ramp):
             return _Ramp(mapping(value.dim))
@@ -271,9 +260,9 @@ class _MaskAnalysis:
         """Where each dimension of ``source`` (counted from the right) is in ``node``'s output."""
         in_shape, out_shape = shape_of(source), shape_of(node)
         if in_shape is None or out_shape is None:
-            raise _Reject(f"{_describe(node)} has no shape information")
+            raise NotApplicable(f"{describe(node)} has no shape information")
         r_in, r_out = len(in_shape), len(out_shape)
-        reject = _Reject(f"{_describe(node)} reshapes the mask other than by adding size-1 dimensions")
+        reject = NotApplicable(f"{describe(node)} reshapes the mask other than by adding size-1 dimensions")
         if is_op(node, aten.expand) or (is_op(node, aten.slice) and _is_full_slice(node, in_shape)):
             return lambda d: d
         if is_op(node, aten.unsqueeze):
@@ -283,8 +272,8 @@ class _MaskAnalysis:
         if perm is not None:
             return lambda d: perm.index(r_in + d) - r_out
         if is_op(node, *VIEW_OPS, aten.squeeze):
-            kept_in = [i for i, s in enumerate(in_shape) if not _known(s == 1)]
-            kept_out = [i for i, s in enumerate(out_shape) if not _known(s == 1)]
+            kept_in = [i for i, s in enumerate(in_shape) if not known_true(s == 1)]
+            kept_out = [i for i, s in enumerate(out_shape) if not known_true(s == 1)]
             if len(kept_in) != len(kept_out) or not same_shape([in_shape[i] for i in kept_in], [out_shape[i] for i in kept_out]):
                 raise reject
 
@@ -294,14 +283,14 @@ class _MaskAnalysis:
                 return kept_out[kept_in.index(r_in + d)] - r_out
 
             return mapped
-        raise _Reject(f"{_describe(node)} is not a recognised mask derivation")
+        raise NotApplicable(f"{describe(node)} is not a recognised mask derivation")
 
 
 def _is_full_slice(node: Node, shape: tuple) -> bool:
     args = normalized_args(node)
     dim, start, end, step = args["dim"], args["start"], args["end"], args["step"]
     size = shape[normalize_dim(dim, len(shape))]
-    return start in (None, 0) and step == 1 and (end is None or end == sys.maxsize or (isinstance(end, int) and _known(end >= size)))
+    return start in (None, 0) and step == 1 and (end is None or end == sys.maxsize or (isinstance(end, int) and known_true(end >= size)))
 
 
 def _position_comparison(mask: Node) -> Node | None:
@@ -314,34 +303,34 @@ def _position_comparison(mask: Node) -> Node | None:
 
 
 def _check_attention(sdpa: Node, masks: _MaskAnalysis) -> Node:
-    """The padding-mask input ``sdpa``'s ``attn_mask`` is derived from; raises :class:`_Reject`."""
+    """The padding-mask input ``sdpa``'s ``attn_mask`` is derived from; raises :class:`NotApplicable`."""
     args = normalized_args(sdpa)
     if args["is_causal"]:
-        raise _Reject(f"{sdpa.name} is causal attention (a decoder): every token needs the ones before it, pads included in the layout")
+        raise NotApplicable(f"{sdpa.name} is causal attention (a decoder): every token needs the ones before it, pads included in the layout")
     if args["dropout_p"] != 0:
-        raise _Reject(f"{sdpa.name} applies attention dropout")
+        raise NotApplicable(f"{sdpa.name} applies attention dropout")
     if args["enable_gqa"]:
-        raise _Reject(f"{sdpa.name} uses grouped-query attention")
+        raise NotApplicable(f"{sdpa.name} uses grouped-query attention")
     if any(_rank(args[k]) != 4 for k in ("query", "key", "value")):
-        raise _Reject(f"{sdpa.name} does not take [batch, heads, seq, dim] operands")
+        raise NotApplicable(f"{sdpa.name} does not take [batch, heads, seq, dim] operands")
     mask = args["attn_mask"]
     if mask is None:
-        raise _Reject(f"{sdpa.name} has no attention mask: every token attends to the pads, which then cannot be removed")
+        raise NotApplicable(f"{sdpa.name} has no attention mask: every token attends to the pads, which then cannot be removed")
     try:
         value = masks.value(mask)
-    except _Reject as e:
+    except NotApplicable as e:
         causal = _position_comparison(mask)
         if causal is not None:
-            raise _Reject(f"the attention mask of {sdpa.name} is causal or windowed: {_describe(causal)} compares query and key positions") from None
-        raise _Reject(f"the attention mask of {sdpa.name} is not derived from a padding input: {e}") from None
+            raise NotApplicable(f"the attention mask of {sdpa.name} is causal or windowed: {describe(causal)} compares query and key positions") from None
+        raise NotApplicable(f"the attention mask of {sdpa.name} is not derived from a padding input: {e}") from None
     if not isinstance(value, _Padded) or value.batch_dim != -4 or value.seq_dim != -1:
-        raise _Reject(f"the attention mask of {sdpa.name} is not a per-sequence key mask [batch, 1, 1|seq, seq]")
+        raise NotApplicable(f"the attention mask of {sdpa.name} is not a per-sequence key mask [batch, 1, 1|seq, seq]")
     if val_of(mask).dtype == torch.bool:
         ok = value.valid is True and value.pad is False
     else:
         ok = value.valid == 0 and value.pad <= _PAD_BIAS_MAX
     if not ok:
-        raise _Reject(f"the attention mask of {sdpa.name} gives valid keys {value.valid} and pads {value.pad}, not a padding mask")
+        raise NotApplicable(f"the attention mask of {sdpa.name} gives valid keys {value.valid} and pads {value.pad}, not a padding mask")
     return value.source
 
 
@@ -401,8 +390,10 @@ def _layout_of(node: Node, region: dict, pad_masks: set) -> _Layout | None:
         normalized = len(node.args[1])
         ok = last_token_dim < x_rank - normalized and all(_outside_region(a, region) for a in node.args[2:])
         return layout if ok else None
-    if is_op(node, torch.ops.graphopt.rms_norm.default, torch.ops.graphopt.crms_norm.default):
-        return layout if last_token_dim < x_rank - 1 and all(_outside_region(a, region) for a in node.args[1:]) else None
+    record = op_record(node.target)
+    if record is not None and record.tokenwise is not None:  # a custom op declared token-wise (graphopt::rms_norm)
+        params = [*node.args[1:], *node.kwargs.values()]
+        return layout if last_token_dim < x_rank - record.tokenwise and all(_outside_region(a, region) for a in params) else None
     if is_op(node, *_SOFTMAX):
         return layout if normalize_dim(node.args[1], x_rank) not in (layout.batch, layout.seq) else None
     if is_op(node, *VIEW_OPS):
@@ -498,7 +489,7 @@ class _AtPads:
 
 def _follow_unpacked(gm: GraphModule, exits: dict[Node, _Layout], mask_input: Node, masks: _MaskAnalysis) -> dict[int, _AtPads]:
     """Check every reader of unpacked values; returns the graph outputs that differ at pads, by
-    flat output index. Raises :class:`_Reject` for a reader that would see the zeros at pads."""
+    flat output index. Raises :class:`NotApplicable` for a reader that would see the zeros at pads."""
     differs: dict[Node, _AtPads] = {x: _AtPads(layout.batch, layout.seq) for x, layout in exits.items()}
     outputs: dict[int, _AtPads] = {}
     for node in gm.graph.nodes:
@@ -512,7 +503,7 @@ def _follow_unpacked(gm: GraphModule, exits: dict[Node, _Layout], mask_input: No
             continue
         state = _reader_state(node, dirty, differs, mask_input, masks)
         if state is None:
-            raise _Reject(f"{_describe(node)} reads the encoder output at pad positions, where removing padding leaves zeros")
+            raise NotApplicable(f"{describe(node)} reads the encoder output at pad positions, where removing padding leaves zeros")
         if state != "clean":
             differs[node] = state
     return outputs
@@ -575,11 +566,11 @@ class _Plan:
 def _plan(gm: GraphModule) -> _Plan:
     sdpas = op_nodes(gm, _SDPA)
     if not sdpas:
-        raise _Reject("no aten.scaled_dot_product_attention in the graph (run canonicalize first for written-out attention)")
+        raise NotApplicable("no aten.scaled_dot_product_attention in the graph (run canonicalize first for written-out attention)")
     masks = _MaskAnalysis()
     sources = {_check_attention(s, masks) for s in sdpas}
     if len(sources) > 1:
-        raise _Reject("the attention masks come from different inputs: " + ", ".join(sorted(s.name for s in sources)))
+        raise NotApplicable("the attention masks come from different inputs: " + ", ".join(sorted(s.name for s in sources)))
     (mask,) = sources
     pad_masks = {normalized_args(s)["attn_mask"] for s in sdpas}
     region = _choose_region(gm, mask, sdpas, pad_masks, masks)
@@ -608,13 +599,13 @@ def _choose_region(gm: GraphModule, mask: Node, sdpas: list[Node], pad_masks: se
         if best is None or len(region.missing) < len(best.missing) or (len(region.missing) == len(best.missing) and best.blocker is None):
             best = region
     if best is None:
-        raise _Reject(f"no [batch, seq, ...] tensor shaped like the mask {mask.name} feeds the attentions")
+        raise NotApplicable(f"no [batch, seq, ...] tensor shaped like the mask {mask.name} feeds the attentions")
     first = best.missing[0]
     if best.blocker is not None:
-        raise _Reject(
-            f"{_describe(best.blocker)} between the packed tokens and {first.name} is not token-wise (it mixes sequence positions or changes the token layout)"
+        raise NotApplicable(
+            f"{describe(best.blocker)} between the packed tokens and {first.name} is not token-wise (it mixes sequence positions or changes the token layout)"
         )
-    raise _Reject(f"no single packed tensor reaches {first.name} through token-wise ops")
+    raise NotApplicable(f"no single packed tensor reaches {first.name} through token-wise ops")
 
 
 # ----------------------------------------------------------------------------- the rewrite
@@ -700,34 +691,33 @@ class RemovePadding(Pass):
     exact = True
     requires = ("canonicalize",)
 
-    def __init__(self) -> None:
-        self._outputs_at_pads: dict[int, _AtPads] = {}
-        self._mask_index: int | None = None
+    def analyze(self, gm: GraphModule, ctx: PassContext) -> _Plan:
+        """The padding mask input, the token-wise region and the outputs that differ at pads;
+        :class:`NotApplicable` saying why when the graph is not a padded encoder this pass can rewrite."""
+        return _plan(gm)
 
-    def applicable(self, gm: GraphModule) -> tuple[bool, str]:
-        try:
-            _plan(gm)
-        except _Reject as e:
-            return False, str(e)
-        return True, ""
-
-    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
-        plan = _plan(gm)
-        self._outputs_at_pads = plan.outputs_at_pads
-        self._mask_index = [n for n in gm.graph.nodes if n.op == "placeholder"].index(plan.mask)
+    def rewrite(self, gm: GraphModule, plan: _Plan, ctx: PassContext) -> PassResult:
+        mask_index = [n for n in gm.graph.nodes if n.op == "placeholder"].index(plan.mask)
         stats = _rewrite(gm, plan)
         stats["packed_ops"] = len(plan.region.layouts) - 1
         stats["mask_input"] = plan.mask.name
-        return PassResult(changed=True, stats=stats)
+        masks = _OutputMasks(plan.outputs_at_pads, mask_index) if plan.outputs_at_pads else None
+        return PassResult(changed=True, stats=stats, output_masks=masks)
 
-    def output_masks(self, reference: Any, ctx: PassContext):
-        """Valid-token positions of the outputs that carry tokens; other outputs are compared whole."""
-        if not self._outputs_at_pads:
-            return None
+
+@dataclass(frozen=True)
+class _OutputMasks:
+    """``PassResult.output_masks`` of a run: the valid-token positions of the outputs that carry
+    tokens, read from the padding mask among the inputs; other outputs are compared whole."""
+
+    outputs_at_pads: dict[int, _AtPads]
+    mask_index: int  # position of the mask among the flat (positional, then keyword) inputs
+
+    def __call__(self, reference: Any, ctx: PassContext) -> list[torch.Tensor | None]:
         inputs = torch.utils._pytree.tree_leaves((list(ctx.example_inputs), ctx.example_kwargs))
-        valid = inputs[self._mask_index].ne(0)
+        valid = inputs[self.mask_index].ne(0)
         leaves = torch.utils._pytree.tree_leaves(reference)
-        return [_valid_positions(self._outputs_at_pads.get(i), valid, leaf) for i, leaf in enumerate(leaves)]
+        return [_valid_positions(self.outputs_at_pads.get(i), valid, leaf) for i, leaf in enumerate(leaves)]
 
 
 def _valid_positions(at_pads: _AtPads | None, valid: torch.Tensor, leaf: Any) -> torch.Tensor | None:

@@ -7,11 +7,12 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch.fx import GraphModule
 
-from graphopt.frontends.capture import _normalize_args, capture
-from graphopt.pipeline.manager import PassManager, run_graph
+from graphopt.backends import CompiledGraph, as_compiled, get_backend
+from graphopt.frontends.capture import capture, normalize_args
+from graphopt.frontends.check import check_backend
+from graphopt.pipeline.manager import PassManager
 from graphopt.pipeline.pass_base import Pass
 from graphopt.pipeline.report import Report
-from graphopt.pipeline.verify import Exact, compare
 
 __all__ = ["OptimizedModule", "optimize", "save", "load"]
 
@@ -23,22 +24,30 @@ class OptimizedModule(torch.nn.Module):
         graph_module: the rewritten canonical graph (a ``torch.fx.GraphModule``).
         report: the :class:`graphopt.pipeline.report.Report` of the pipeline (prints as a table).
         backend: the name of the backend running it.
+        compiled: what the backend made of ``graph_module``, a
+            :class:`graphopt.backends.CompiledGraph` (runner, generated kernels, regions left to ATen).
+
+    ``runner`` may be a :class:`~graphopt.backends.CompiledGraph` or any callable running
+    ``graph_module`` (taken as one that generated nothing).
     """
 
-    def __init__(self, graph_module: GraphModule, runner: Callable, report: Report, backend: str):
+    def __init__(self, graph_module: GraphModule, runner: CompiledGraph | Callable, report: Report, backend: str):
         super().__init__()
         self.graph_module = graph_module
         self.report = report
         self.backend = backend
-        self._runner = runner
+        self.compiled = as_compiled(runner, backend)
+        # A runner that is a module (a GraphModule, a compiled module) is a submodule, as it always
+        # was: ``.to()``, ``.eval()`` and ``state_dict()`` reach the tensors the backend runs.
+        self._runner = self.compiled.runner
 
     @property
     def kernels(self) -> dict[str, str]:
-        """Generated kernel sources by name (backends that generate code, e.g. ``triton``)."""
-        return dict(getattr(self._runner, "kernels", {}))
+        """Generated kernel sources by region name (backends that generate code, e.g. ``triton``)."""
+        return dict(self.compiled.kernels)
 
     def forward(self, *args, **kwargs):
-        return self._runner(*args, **kwargs)
+        return self.compiled.runner(*args, **kwargs)
 
 
 def optimize(
@@ -74,13 +83,11 @@ def optimize(
         observers: ``fn(record, graph_before, graph_after)`` called after each pass.
         name: the model's name in the report.
     """
-    from graphopt.backends import get_backend
-
     if example_inputs is None and not example_kwargs:
         raise ValueError("optimize needs example_inputs (and/or example_kwargs) to capture and verify the model")
-    args, kwargs = _normalize_args(example_inputs), dict(example_kwargs or {})
+    args, kwargs = normalize_args(example_inputs), dict(example_kwargs or {})
     manager = PassManager(passes, verify=verify, strict=strict, log=log, observers=observers)
-    make_runner = get_backend(backend)  # unknown backends fail before the slow part
+    compile_graph = get_backend(backend)  # unknown backends fail before the slow part
     if log:
         log(f"capturing {name or type(model).__name__}")
     gm = capture(model, args, kwargs, dynamic_shapes)
@@ -88,15 +95,12 @@ def optimize(
     gm, report = manager.run(gm, args, kwargs, report)
     if log and backend != "eager":
         log(f"compiling with the {backend} backend")
-    runner = make_runner(gm, args, kwargs, **(backend_options or {}))
-    if verify and runner is not gm:
+    compiled = compile_graph(gm, args, kwargs, **(backend_options or {}))
+    if verify and compiled.runner is not gm:
         if log:
             log(f"checking the {backend} backend against the optimized graph")
-        check = compare(run_graph(runner, args, kwargs), run_graph(gm, args, kwargs), Exact(1e-4))
-        report.final[f"{backend} vs graph"] = str(check)
-        if not check.ok:
-            raise RuntimeError(f"backend {backend!r} does not reproduce the optimized graph: {check}")
-    return OptimizedModule(gm, runner, report, backend)
+        check_backend(compiled, gm, args, kwargs, report)
+    return OptimizedModule(gm, compiled, report, backend)
 
 
 def save(module: OptimizedModule | GraphModule, path: str, example_inputs: Any, example_kwargs: dict | None = None, dynamic_shapes: Any = None) -> None:
@@ -106,7 +110,7 @@ def save(module: OptimizedModule | GraphModule, path: str, example_inputs: Any, 
     ``torch.export.load``.
     """
     gm = module.graph_module if isinstance(module, OptimizedModule) else module
-    args = _normalize_args(example_inputs)
+    args = normalize_args(example_inputs)
     ep = torch.export.export(gm, args, dict(example_kwargs or {}), dynamic_shapes=dynamic_shapes, strict=False)
     torch.export.save(ep, path)
 

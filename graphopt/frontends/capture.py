@@ -28,25 +28,19 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from typing import Any
 
 import torch
 import torch.fx
 
 from graphopt.ir import _unique_attr_name, cleanup, clone_graph_module, in_place_writes, propagate_shapes
+from graphopt.pipeline.report import one_line  # defined with the report, whose reasons it writes
 
-__all__ = ["CaptureError", "capture", "inference_view", "one_line"]
+__all__ = ["CaptureError", "capture", "inference_view", "normalize_args", "one_line"]
 
 
 class CaptureError(RuntimeError):
     """Neither ``torch.export`` nor ``torch.fx.symbolic_trace`` could capture the model."""
-
-
-def one_line(exc: BaseException, limit: int = 300) -> str:
-    """The first line of an exception's message, prefixed by its type and clipped to ``limit``."""
-    text = str(exc).strip().splitlines()
-    first = text[0] if text else ""
-    msg = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-    return msg if len(msg) <= limit else msg[: limit - 3] + "..."
 
 
 @contextlib.contextmanager
@@ -70,7 +64,9 @@ def inference_view(model: torch.nn.Module):
         model.train(was_training)
 
 
-def _normalize_args(example_inputs) -> tuple:
+def normalize_args(example_inputs: Any) -> tuple:
+    """Positional example inputs as a tuple: ``None`` -> ``()``, a tuple or list -> a tuple of its
+    items, anything else (one tensor) -> a 1-tuple. What every entry point accepts as ``example_inputs``."""
     if example_inputs is None:
         return ()
     if isinstance(example_inputs, (tuple, list)):
@@ -106,7 +102,7 @@ def capture(
     """
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    args = _normalize_args(example_inputs)
+    args = normalize_args(example_inputs)
     kwargs = dict(example_kwargs or {})
     with inference_view(model):
         try:

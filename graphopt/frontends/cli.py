@@ -50,7 +50,7 @@ from graphopt.backends import available_backends, get_backend
 from graphopt.frontends.capture import one_line
 from graphopt.frontends.dump import dump
 from graphopt.pipeline.manager import run_graph
-from graphopt.pipeline.verify import Exact, compare
+from graphopt.pipeline.verify import Exact, compare, row_cosines
 
 PROG = "graphopt"
 
@@ -328,7 +328,7 @@ def cmd_demo(args) -> int:
     with torch.no_grad():  # this first pass over the batches is also the warm-up of both models
         original = torch.cat([entry.model(*batch) for batch in batches])
         rewritten = torch.cat([optimized(*batch) for batch in batches])
-    cosine = zoo.cosine_similarity_rows(rewritten, original)
+    cosine = row_cosines(rewritten, original)
     agreement = zoo.nearest_neighbour_agreement(rewritten, original)
     print(f"\nfidelity on {len(sentences)} real sentences (optimized vs original embeddings):")
     print(f"  cosine similarity: mean {cosine.mean().item():.8f}, min {cosine.min().item():.8f}")

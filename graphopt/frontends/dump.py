@@ -54,8 +54,9 @@ from tabulate import tabulate
 from torch.fx import GraphModule, Node
 from torch.fx.graph import _custom_builtins, dtype_abbrs
 
+from graphopt.backends import CompiledGraph
 from graphopt.frontends.api import OptimizedModule, optimize
-from graphopt.frontends.capture import _normalize_args, one_line
+from graphopt.frontends.capture import normalize_args, one_line
 from graphopt.ir import count_ops, get_tensor, op_name
 from graphopt.pipeline.manager import run_graph
 from graphopt.pipeline.pass_base import Pass
@@ -285,7 +286,7 @@ def export_onnx(gm: GraphModule, example_inputs: Any, path: Path, example_kwargs
     """
     import onnx
 
-    args, kwargs = _normalize_args(example_inputs), dict(example_kwargs or {})
+    args, kwargs = normalize_args(example_inputs), dict(example_kwargs or {})
     reasons = []
     for exporter, dynamo in (("torch.export-based exporter", True), ("TorchScript exporter", False)):
         try:
@@ -341,14 +342,15 @@ def _spec_text(value: Any) -> str:
     return repr(value)
 
 
-def _region_nodes(runner: GraphModule) -> list[Node]:
+def _region_nodes(compiled: CompiledGraph) -> list[Node]:
     """The runner's ``call_module`` nodes that are regions: lowered to a kernel or left to ATen."""
-    regions = set(getattr(runner, "kernels", {})) | set(getattr(runner, "left_to_aten", {}))
-    return [n for n in runner.graph.nodes if n.op == "call_module" and n.target in regions]
+    regions = set(compiled.regions) | set(compiled.kernels) | set(compiled.left_to_aten)
+    return [n for n in compiled.runner.graph.nodes if n.op == "call_module" and n.target in regions]
 
 
-def _region_inputs(runner: GraphModule, example_inputs: Any, example_kwargs: dict | None) -> dict[str, list]:
+def _region_inputs(compiled: CompiledGraph, example_inputs: Any, example_kwargs: dict | None) -> dict[str, list]:
     """What each region was called with on the example inputs (one run of the runner)."""
+    runner = compiled.runner
     seen: dict[str, list] = {}
 
     def record(name: str):
@@ -357,9 +359,9 @@ def _region_inputs(runner: GraphModule, example_inputs: Any, example_kwargs: dic
 
         return hook
 
-    handles = [runner.get_submodule(n.target).register_forward_pre_hook(record(n.target)) for n in _region_nodes(runner)]
+    handles = [runner.get_submodule(n.target).register_forward_pre_hook(record(n.target)) for n in _region_nodes(compiled)]
     try:
-        run_graph(runner, _normalize_args(example_inputs), example_kwargs)
+        run_graph(runner, normalize_args(example_inputs), example_kwargs)
     finally:
         for handle in handles:
             handle.remove()
@@ -415,22 +417,23 @@ def _kernel_file(name: str, kind: str, model: str, source: str, region: GraphMod
     return f"{docstring}\n\n{imports}\n\nINPUTS = {inputs_text}\n\n\n" + "\n\n\n".join(definitions) + "\n"
 
 
-def write_kernels(runner: GraphModule, out_dir: Path | str, example_inputs: Any, example_kwargs: dict | None = None, model: str = "") -> list[list[str]]:
+def write_kernels(compiled: CompiledGraph, out_dir: Path | str, example_inputs: Any, example_kwargs: dict | None = None, model: str = "") -> list[list[str]]:
     """Write ``out_dir/<region>.py`` for each generated kernel and ``out_dir/README.md``, the index.
 
-    ``runner`` is what a code-generating backend returned: a ``GraphModule`` with ``kernels``
-    (region name -> kernel source; the region's submodule keeps its ATen graph as ``.region``) and
-    ``left_to_aten`` (region name -> why ATen runs it). It is run once on the example inputs to
-    record the dtypes, shapes and strides each region receives. Returns the index rows.
+    ``compiled`` is what a code-generating backend returned (``generates_code``): its ``runner``
+    is a ``GraphModule`` with a submodule per region (a lowered one keeps its ATen graph as
+    ``.region``), ``kernels`` maps region name -> kernel source and ``left_to_aten`` region name ->
+    why ATen runs it. The runner is run once on the example inputs to record the dtypes, shapes and
+    strides each region receives. Returns the index rows.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    kernels, left_to_aten = getattr(runner, "kernels", {}), getattr(runner, "left_to_aten", {})
-    inputs = _region_inputs(runner, example_inputs, example_kwargs)
+    runner, kernels, left_to_aten = compiled.runner, compiled.kernels, compiled.left_to_aten
+    inputs = _region_inputs(compiled, example_inputs, example_kwargs)
     rows = []
-    for node in _region_nodes(runner):
+    for node in _region_nodes(compiled):
         name, module = node.target, runner.get_submodule(node.target)
-        kind = node.meta.get("region_kind") or name.rsplit("_", 1)[0]
+        kind = compiled.regions.get(name) or node.meta.get("region_kind") or name.rsplit("_", 1)[0]
         region = getattr(module, "region", module)
         if name in kernels:
             (out / f"{name}.py").write_text(_kernel_file(name, kind, model, kernels[name], region, inputs.get(name)))
@@ -549,11 +552,10 @@ def dump(
         observers=[dumper],
         name=name,
     )
-    runner = module._runner
     kernel_rows = None
-    if hasattr(runner, "kernels"):
+    if module.compiled.generates_code:
         say("writing the generated kernels")
-        kernel_rows = write_kernels(runner, out / "kernels", example_inputs, example_kwargs, name)
+        kernel_rows = write_kernels(module.compiled, out / "kernels", example_inputs, example_kwargs, name)
     captured = dumper.captured if dumper.captured is not None else module.graph_module
     (out / "00_captured.txt").write_text(graph_text(captured, f"captured {name}".rstrip()))
     onnx_status: dict[str, str] = {}

@@ -57,17 +57,17 @@ optimizes again.
 from __future__ import annotations
 
 import logging
-import operator
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch.fx import GraphModule, Node
-from torch.utils import _pytree as pytree
 
 from graphopt import ir
+from graphopt.backends import CompiledGraph, get_backend
 from graphopt.frontends.capture import capture, one_line
+from graphopt.frontends.check import check_backend
 from graphopt.pipeline.manager import PassManager, run_graph
 from graphopt.pipeline.pass_base import Pass, available_passes
 from graphopt.pipeline.report import Report
@@ -139,8 +139,6 @@ class GraphoptBackend:
         strict: bool = False,
         log: Callable[[str], None] | None = None,
     ):
-        from graphopt.backends import get_backend
-
         if backend == "inductor" and backend_options:
             raise ValueError("backend_options are not supported for inductor inside torch.compile (it is called as compile_fx)")
         self.passes = list(passes) if passes is not None else [p for p in DEFAULT_PASSES if p in available_passes()]
@@ -151,7 +149,7 @@ class GraphoptBackend:
         self.log = log or (lambda msg: None)
         self.reports: list[Report] = []
         # Unknown backends and passes fail here, when the backend is made, rather than mid-compile.
-        self._make_runner = get_backend(backend)
+        self._compile = get_backend(backend)
         PassManager(self.passes)
 
     def __call__(self, gm: GraphModule, example_inputs: Sequence[Any]) -> Callable:
@@ -197,9 +195,9 @@ class GraphoptBackend:
             fallback=not dynamic,  # the symbolic_trace road specializes every size
         )
         report.capture = canonical.meta.get("graphopt_capture", "")
-        written = _written_inputs(canonical)
-        if written:
-            raise _CannotOptimize(f"the graph modifies {', '.join(written)} in place")
+        written = ir.in_place_writes(canonical)
+        if written["buffers"] or written["inputs"]:
+            raise _CannotOptimize(f"the graph modifies {', '.join(written['buffers'] + written['inputs'])} in place")
         if self.verify:
             check = compare(run_graph(canonical, user_inputs), run_graph(wrapper, user_inputs), Exact())
             if not check.ok:
@@ -218,26 +216,23 @@ class GraphoptBackend:
             # directly, in dynamo's tracing context, so that it sees the same symbolic sizes.
             from torch._inductor.compile_fx import compile_fx
 
-            runner = compile_fx(optimized, user_inputs)
+            compiled = CompiledGraph(compile_fx(optimized, user_inputs), "inductor")
         else:
-            runner = self._make_runner(optimized, tuple(user_inputs), {}, **self.backend_options)
-        if self.verify and runner is not optimized:
-            check = compare(run_graph(runner, user_inputs), expected, Exact(1e-4))
-            report.final[f"{self.backend} vs graph"] = str(check)
-            if not check.ok:
-                raise RuntimeError(f"backend {self.backend!r} does not reproduce the optimized graph: {check}")
+            compiled = self._compile(optimized, tuple(user_inputs), {}, **self.backend_options)
+        if self.verify:
+            check_backend(compiled, optimized, user_inputs, {}, report, expected=expected)
         report.final["backend"] = self.backend
         kernels = ""
-        if hasattr(runner, "kernels"):
-            regions = len(runner.kernels) + len(getattr(runner, "left_to_aten", {}))
-            report.final["kernels"] = f"{len(runner.kernels)} of {regions} fused regions: {', '.join(runner.kernels) or 'none'}"
-            kernels = f" ({len(runner.kernels)} generated kernels)"
+        if compiled.generates_code:
+            regions = len(compiled.kernels) + len(compiled.left_to_aten)
+            report.final["kernels"] = f"{len(compiled.kernels)} of {regions} fused regions: {', '.join(compiled.kernels) or 'none'}"
+            kernels = f" ({len(compiled.kernels)} generated kernels)"
         self.log(
             f"graphopt: {report.model}: {len(user_inputs)} inputs, {len(split.frozen_tensors) + len(split.frozen_floats)} frozen constants"
             f"{', dynamic' if any(split.dynamic_dims) else ''}; applied: {', '.join(report.applied) or 'nothing'}; backend {self.backend}{kernels}"
         )
         names = [n.name for n in gm.graph.find_nodes(op="placeholder")]
-        return _CompiledGraph(runner, split, names, gm.forward, on_stale=lambda why: self._note_fallback(report, why))
+        return _DynamoCallable(compiled.runner, split, names, gm.forward, on_stale=lambda why: self._note_fallback(report, why))
 
 
 @dataclass
@@ -371,46 +366,11 @@ class _FrozenGraph(torch.nn.Module):
         return self.graph(*args)
 
 
-def _alias_base(node: Any) -> Any:
-    """The node whose storage ``node`` shares, following views and in-place results to the base."""
-    while isinstance(node, Node) and node.op == "call_function":
-        if node.target is operator.getitem:  # one of the views a split/unbind returns
-            node = node.args[0]
-            continue
-        returns = getattr(node.target, "_schema", None) and node.target._schema.returns
-        if not returns or returns[0].alias_info is None:
-            break
-        node = node.args[0]
-    return node
-
-
-def _written_inputs(gm: GraphModule) -> list[str]:
-    """Inputs and constants of the canonical graph that it modifies in place.
-
-    The canonical (training) IR is not functionalized: ``x.add_(1)`` on an input or a view of it
-    stays an in-place op, and BatchNorm in training mode updates its running statistics inside
-    ``aten.batch_norm``, which its schema does not declare.
-    """
-    written: list[str] = []
-    for node in gm.graph.nodes:
-        if not isinstance(node.target, torch._ops.OpOverload):
-            continue
-        args = ir.normalized_args(node)
-        targets = [args[a.name] for a in node.target._schema.arguments if a.alias_info is not None and a.alias_info.is_write]
-        if ir.is_op(node, ir.aten.batch_norm) and args["training"]:
-            targets += [args["running_mean"], args["running_var"]]
-        for target in pytree.tree_leaves(targets):
-            base = _alias_base(target)
-            if isinstance(base, Node) and base.op in ("placeholder", "get_attr") and base.name not in written:
-                written.append(base.name)
-    return written
-
-
 def _version(tensor: torch.Tensor) -> int | None:
     return None if tensor.is_inference() else tensor._version  # inference tensors have no version counter
 
 
-class _CompiledGraph:
+class _DynamoCallable:
     """What dynamo calls: all of its graph's inputs in, the optimized graph's outputs out.
 
     The frozen inputs are not used, only checked: a parameter or buffer that was replaced or

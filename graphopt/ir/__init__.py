@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import operator
 import warnings
 from typing import Any, Callable, Iterable, Sequence
 
@@ -25,11 +26,13 @@ from torch.fx import GraphModule, Node
 aten = torch.ops.aten
 
 __all__ = [
+    "NotApplicable",
     "aten",
     "add_constant",
     "clone_graph_module",
     "cleanup",
     "count_ops",
+    "describe",
     "external_user",
     "follow_chain",
     "get_tensor",
@@ -47,6 +50,33 @@ __all__ = [
 ]
 
 Target = Any  # an OpOverload, an OpOverloadPacket, or any other call_function target
+
+
+class NotApplicable(Exception):
+    """A rewrite cannot be made here; ``reason`` says why, in one clause that names the node.
+
+    The one "why not" of graphopt: IR helpers raise it (a weight that is not a constant, a writer
+    whose hidden dim cannot be followed), a pass's ``analyze`` raises it when it has nothing to do,
+    and the pass manager records ``reason`` as the pass's reason. It lives in the lowest layer so
+    that every helper can raise it; :mod:`graphopt.pipeline.pass_base` exports it with the Pass API.
+
+    Args:
+        reason: why not, as shown in reports (``str(e)`` is the same text).
+        node: the node that stops the rewrite, when one does (for tools that point at it).
+    """
+
+    def __init__(self, reason: str, node: Node | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.node = node
+
+
+def describe(node: Node) -> str:
+    """``name (op)`` for messages: ``add_5 (aten.add.Tensor)``, ``x (a graph input)``, ``output (the graph output)``."""
+    if node.op == "call_function":
+        return f"{node.name} ({op_name(node.target)})"
+    kind = {"placeholder": "a graph input", "output": "the graph output", "get_attr": "a constant"}.get(node.op, node.op)
+    return f"{node.name} ({kind})"
 
 
 # ----------------------------------------------------------------------------- identifying ops
@@ -103,33 +133,82 @@ def normalized_args(node: Node) -> dict[str, Any]:
     return out
 
 
+def _viewed(value: Any) -> Any:
+    """The graph value whose storage ``value`` shares (a view, an in-place or ``out=`` result, an
+    element of ``split``/``unbind``), or None when ``value`` is a tensor of its own.
+
+    The schema's alias sets say which argument a result aliases: ``add.out``'s result is its
+    ``out=`` argument, not its first.
+    """
+    if not isinstance(value, Node) or value.op != "call_function":
+        return None
+    if value.target is operator.getitem:  # one result of a multi-result op, or an element of a list result
+        source, index = value.args
+        returns = getattr(getattr(source, "target", None), "_schema", None) and source.target._schema.returns
+        if not returns or not isinstance(index, int) or (len(returns) > 1 and index >= len(returns)):
+            return None
+        return _aliased_argument(source, returns[0] if len(returns) == 1 else returns[index])
+    if not isinstance(value.target, torch._ops.OpOverload) or len(value.target._schema.returns) != 1:
+        return None
+    return _aliased_argument(value, value.target._schema.returns[0])
+
+
+def _aliased_argument(node: Node, returned: Any) -> Any:
+    """The argument of ``node`` that the schema return ``returned`` aliases, or None."""
+    if returned.alias_info is None:
+        return None
+    sets = returned.alias_info.before_set  # empty for a list of views (``Tensor(a)[]``): the set is on its elements
+    for arg in node.target._schema.arguments:
+        if arg.alias_info is not None and (not sets or sets & arg.alias_info.before_set):
+            return normalized_args(node).get(arg.name)
+    return None
+
+
 def _alias_root(value: Any) -> Any:
-    """Follow views (ops whose result aliases their first argument) back to the tensor they view."""
-    while (
-        isinstance(value, Node)
-        and value.op == "call_function"
-        and isinstance(value.target, torch._ops.OpOverload)
-        and value.target._schema.returns
-        and value.target._schema.returns[0].alias_info is not None
-    ):
-        value = value.args[0]
+    """Follow views, in-place results and list elements back to the tensor that owns the storage."""
+    while (base := _viewed(value)) is not None:
+        value = base
     return value
+
+
+# Ops that write arguments their schema does not mark as written: in training mode batch norm
+# updates its running statistics inside the op, and so does instance norm given running statistics
+# to use its input's (``track_running_stats`` in training mode). Op packet -> (flag, written arguments).
+_UNDECLARED_WRITES = {
+    aten.batch_norm: ("training", ("running_mean", "running_var")),
+    aten.native_batch_norm: ("training", ("running_mean", "running_var")),
+    aten._batch_norm_impl_index: ("training", ("running_mean", "running_var")),
+    aten.cudnn_batch_norm: ("training", ("running_mean", "running_var")),
+    aten.miopen_batch_norm: ("training", ("running_mean", "running_var")),
+    aten.instance_norm: ("use_input_stats", ("running_mean", "running_var")),
+}
 
 
 def in_place_writes(gm: GraphModule) -> dict[str, list[str]]:
     """The constants (``get_attr`` targets) and graph inputs (placeholder names) that some op of
-    ``gm`` writes in place, directly or through a view: ``{"buffers": [...], "inputs": [...]}``.
+    ``gm`` writes in place: ``{"buffers": [...], "inputs": [...]}``, each sorted.
 
-    Running such a graph twice is not running it once: verification and benchmarks must know.
+    A write counts when an argument the op's schema marks as written (``Tensor(a!)``, also inside
+    a list such as ``_foreach_add_``'s) is, or is a view of, the constant or input: views are
+    followed through every aliasing result, ``split``/``unbind`` elements included. Batch norm in
+    training mode (and instance norm with running statistics and ``use_input_stats``) writes its
+    running statistics without declaring it; those count too.
+
+    Running such a graph twice is not running it once: verification, benchmarks and the
+    ``torch.compile`` backend (which then leaves the graph to dynamo) must know.
     """
     written: dict[str, set[str]] = {"buffers": set(), "inputs": set()}
     for node in gm.graph.nodes:
         if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
             continue
         args = normalized_args(node)
-        for arg in node.target._schema.arguments:
-            if arg.alias_info is not None and arg.alias_info.is_write:
-                root = _alias_root(args.get(arg.name))
+        targets = [args.get(a.name) for a in node.target._schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+        flag, hidden = _UNDECLARED_WRITES.get(node.target.overloadpacket, (None, ()))
+        if flag is not None and args.get(flag) is True:
+            targets += [args.get(name) for name in hidden]
+        for target in targets:
+            for value in target if isinstance(target, (list, tuple)) else (target,):
+                root = _alias_root(value)
                 if isinstance(root, Node) and root.op == "get_attr":
                     written["buffers"].add(root.target)
                 elif isinstance(root, Node) and root.op == "placeholder":

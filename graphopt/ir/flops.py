@@ -1,9 +1,11 @@
 """graphopt's FLOP and parameter-size counters over the canonical ATen IR.
 
 FLOPs are counted from ``meta["val"]`` shapes, one multiply-add as two FLOPs, for the ops that
-dominate transformer and CNN inference. Everything else (pointwise ops, norms, reductions, the
-packing ops of :mod:`graphopt.ops.varlen`) is memory-bound and counted as zero, the usual convention,
-so ratios between graphs reflect the matrix work a rewrite saves.
+dominate transformer and CNN inference: the ATen ops below, rules added with
+:func:`register_flop_rule`, and custom ops whose :class:`~graphopt.ir.oprecord.OpRecord` has a
+``flops`` rule (``graphopt::varlen_attention``). Everything else (pointwise ops, norms, reductions,
+the packing ops) is memory-bound and counted as zero, the usual convention, so ratios between
+graphs reflect the matrix work a rewrite saves.
 
 **Symbolic sizes** count at the value they take on the example inputs. A backed size (a dynamic
 input dimension) carries that value as its hint. An unbacked size, data-dependent like the number
@@ -28,8 +30,8 @@ from torch.fx import GraphModule, Interpreter, Node
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols, has_free_unbacked_symbols, optimization_hint
 from torch.utils import _pytree as pytree
 
-import graphopt.ops.varlen  # noqa: F401  (registers the graphopt:: ops given rules below)
 from graphopt.ir import aten, normalized_args, shape_of, val_of
+from graphopt.ir.oprecord import op_record
 
 __all__ = ["ExampleRun", "UnknownSizeError", "count_flops", "example_value", "node_flops", "param_bytes", "record_example_run", "register_flop_rule", "size"]
 
@@ -206,40 +208,20 @@ def _einsum(node: Node) -> int:
     return 2 * math.prod(sizes.values()) if len(lhs) > 1 else 0
 
 
-@register_flop_rule(torch.ops.graphopt.varlen_attention)
-def _varlen_attention(node: Node) -> int:
-    """Per sequence of length ``L_b``: ``2 * L_b² * H * (D + Dv)``, as SDPA on it alone.
-
-    The lengths come from ``cu_seqlens`` on the example run. Without one (shapes static, offsets
-    computed from data never run), the ``T`` tokens are counted as spread evenly over the ``B``
-    sequences, ``T² / B`` query-key pairs: the fewest ``T`` tokens in ``B`` sequences can make,
-    exact when the lengths are equal.
-    """
-    args = normalized_args(node)
-    q, v, offsets = shape_of(args["q"]), shape_of(args["v"]), shape_of(args["cu_seqlens"])
-    if not (q and v and offsets):
-        return 0
-    cu_seqlens = example_value(args["cu_seqlens"])
-    if cu_seqlens is not None:
-        pairs = int((cu_seqlens.diff() ** 2).sum())
-    else:
-        pairs = size(q[0]) ** 2 // max(size(offsets[0]) - 1, 1)
-    return 2 * pairs * size(q[1]) * (size(q[2]) + size(v[2]))
-
-
-# packing moves tokens and computes nothing
-register_flop_rule(torch.ops.graphopt.pack_tokens, torch.ops.graphopt.unpack_tokens)(lambda node: 0)
-
-
 def node_flops(node: Node) -> int:
     """FLOPs of one node (0 for ops without a rule or without shape metadata).
 
-    Unbacked sizes take their values from the example run :func:`count_flops` recorded for the
-    node's graph; :class:`UnknownSizeError` where there is none.
+    The rule is the one registered for the node's overload, else for its packet
+    (:func:`register_flop_rule`), else its op record's ``flops``. Unbacked sizes take their values
+    from the example run :func:`count_flops` recorded for the node's graph;
+    :class:`UnknownSizeError` where there is none.
     """
     if node.op != "call_function":
         return 0
     rule = _RULES.get(node.target) or _RULES.get(getattr(node.target, "overloadpacket", None))
+    if rule is None:
+        record = op_record(node.target)
+        rule = record.flops if record is not None else None
     if rule is None:
         return 0
     token = _current_run.set(_stored_run(node.graph.owning_module))

@@ -28,6 +28,7 @@ __all__ = [
     "broadcasts_to",
     "infer_val",
     "is_value_identity",
+    "known_true",
     "matmul_operands",
     "normalize_dim",
     "permutation",
@@ -53,15 +54,20 @@ def normalize_dim(dim: int, rank: int) -> int:
     return dim + rank if dim < 0 else dim
 
 
-def _known_equal(a: Any, b: Any) -> bool:
-    return bool(statically_known_true(a == b))
+def known_true(condition: Any) -> bool:
+    """Whether ``condition`` (a bool, or a comparison of ints and symbolic sizes such as ``s == 1``
+    or ``end >= size``) holds for every value the symbols may take; False when it is unknown.
+
+    Never adds a guard to the shape environment, unlike ``bool(condition)`` on a symbolic one.
+    """
+    return bool(statically_known_true(condition))
 
 
 def same_shape(a: Sequence | None, b: Sequence | None) -> bool:
     """Whether two shapes (ints or symbolic sizes) are provably equal; False when either is unknown."""
     if a is None or b is None or len(a) != len(b):
         return False
-    return all(_known_equal(x, y) for x, y in zip(a, b))
+    return all(known_true(x == y) for x, y in zip(a, b))
 
 
 def broadcasts_to(shape: Sequence | None, target: Sequence | None) -> bool:
@@ -72,7 +78,7 @@ def broadcasts_to(shape: Sequence | None, target: Sequence | None) -> bool:
     """
     if shape is None or target is None or len(shape) > len(target):
         return False
-    return all(_known_equal(s, 1) or _known_equal(s, t) for s, t in zip(reversed(shape), reversed(target)))
+    return all(known_true(s == 1) or known_true(s == t) for s, t in zip(reversed(shape), reversed(target)))
 
 
 def permutation(node: Node) -> tuple[int, ...] | None:

@@ -30,7 +30,7 @@ channels become the stream's hidden dim (the *leaves*: a linear, GPT-2's ``addmm
 convolution, an embedding, a constant), following that dim through value identities, views that
 keep the last dim, ``flatten``, ``transpose``, ``permute``, ``unsqueeze``, ``expand``, ``slice`` and
 ``cat`` along another dim, ``add`` of such parts and multiplication by a Python scalar. Anything
-else raises :class:`UntraceableWriter` naming the node, which is what a pass reports as "why not".
+else raises :class:`graphopt.ir.NotApplicable` naming the node, which is what a pass reports as "why not".
 
 The stream's hidden dim is its last dim (transformers; a channels-first CNN's stream is found, but
 its "hidden size" is then its last spatial size).
@@ -43,19 +43,19 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule, Node
 
-from graphopt.ir import aten, is_op, normalized_args, op_name, shape_of, val_of
+from graphopt.ir import NotApplicable, aten, describe, is_op, normalized_args, shape_of, val_of
 from graphopt.ir.match import VIEW_OPS, is_value_identity, normalize_dim, same_shape
+from graphopt.ir.oprecord import op_record
 from graphopt.ir.weights import CONV_OPS, output_channel_dim
 
 __all__ = [
     "NORM_OPS",
     "WEIGHTED_OPS",
     "ResidualStream",
-    "UntraceableWriter",
     "WriterLeaf",
     "WriterTrace",
-    "describe",
     "find_residual_streams",
+    "is_norm",
     "is_transparent",
     "trace_writer",
 ]
@@ -63,16 +63,17 @@ __all__ = [
 WEIGHTED_OPS = (aten.linear, aten.addmm, aten.mm, aten.bmm, aten.matmul, aten.scaled_dot_product_attention, *CONV_OPS)
 """Ops that mix features with weights: a path through one of them makes an add a residual add."""
 
-NORM_OPS = (aten.layer_norm, aten.rms_norm, torch.ops.graphopt.rms_norm, torch.ops.graphopt.crms_norm)
-"""Normalisations over the last dim (see :attr:`ResidualStream.norms`)."""
+NORM_OPS = (aten.layer_norm, aten.rms_norm)
+"""ATen's normalisations over the last dim; custom ops declare theirs in their op record (:func:`is_norm`)."""
 
 
-def describe(node: Node) -> str:
-    """``name (op)`` for messages: ``add_5 (aten.add.Tensor)``, ``x (a graph input)``, ``output (the graph output)``."""
-    if node.op == "call_function":
-        return f"{node.name} ({op_name(node.target)})"
-    kind = {"placeholder": "a graph input", "output": "the graph output", "get_attr": "a constant"}.get(node.op, node.op)
-    return f"{node.name} ({kind})"
+def is_norm(node: Node) -> bool:
+    """Whether ``node`` is a normalisation over the last dim: one of :data:`NORM_OPS`, or a custom
+    op whose :class:`~graphopt.ir.oprecord.OpRecord` says ``is_norm`` (``graphopt::rms_norm``)."""
+    if is_op(node, *NORM_OPS):
+        return True
+    record = op_record(node.target) if node.op == "call_function" else None
+    return record is not None and record.is_norm
 
 
 def is_transparent(node: Node) -> bool:
@@ -128,13 +129,13 @@ class ResidualStream:
 
     @property
     def norms(self) -> list[Node]:
-        """Normalisations (``NORM_OPS``) that are stream nodes: the stream passes *through* them.
+        """Normalisations (:func:`is_norm`) that are stream nodes: the stream passes *through* them.
 
         Non-empty for a Post-LN network: its residual adds read a LayerNorm's output
         (``h = LN(h + f(h))``), so the norm joins consecutive adds into one stream instead of
         reading it from the side, as the pre-norms of a Pre-LN network do.
         """
-        return [n for n in self.nodes if is_op(n, *NORM_OPS)]
+        return [n for n in self.nodes if is_norm(n)]
 
 
 def _ancestors_after(node: Node, first_index: int, index: dict[Node, int]) -> set[Node]:
@@ -247,10 +248,6 @@ def _stream(nodes: list[Node], members: set[Node], index: dict[Node, int]) -> Re
 # ----------------------------------------------------------------------------- writers
 
 
-class UntraceableWriter(ValueError):
-    """A writer whose hidden dim cannot be followed back to a parameter; the message names the node."""
-
-
 @dataclass(frozen=True)
 class WriterLeaf:
     """An op (or constant) whose output channels ``dim`` become the stream's hidden dim.
@@ -277,7 +274,7 @@ class WriterTrace:
 def _rank(node: Node) -> int:
     shape = shape_of(node)
     if shape is None:
-        raise UntraceableWriter(f"the shape of {describe(node)} is unknown")
+        raise NotApplicable(f"the shape of {describe(node)} is unknown", node=node)
     return len(shape)
 
 
@@ -291,7 +288,7 @@ def _output_channels(node: Node) -> int | None:
         args = normalized_args(node)
         if args.get("transposed") or args.get("groups", 1) != 1:
             # each group's outputs see only its own inputs: no weight edit recentres across groups
-            raise UntraceableWriter(f"{describe(node)} is a grouped or transposed convolution")
+            raise NotApplicable(f"{describe(node)} is a grouped or transposed convolution", node=node)
         return output_channel_dim(node)
     return None
 
@@ -299,7 +296,7 @@ def _output_channels(node: Node) -> int | None:
 def _inputs_with_dim(node: Node, dim: int) -> list[tuple[Node, int]]:
     """The tensor inputs of ``node`` that carry the hidden dim, with its position there.
 
-    ``dim`` is the hidden dim in ``node``'s output. Raises :class:`UntraceableWriter` when the op
+    ``dim`` is the hidden dim in ``node``'s output. Raises :class:`NotApplicable` when the op
     does not keep that dim as a dim of one input (or keeps it but mixes in constants).
     """
     rank = _rank(node)
@@ -338,26 +335,26 @@ def _inputs_with_dim(node: Node, dim: int) -> list[tuple[Node, int]]:
         if cat_dim != dim:
             return [(p, dim) for p in parts]
     if is_op(node, aten.add.Tensor) and not _two_tensor_add(node):
-        raise UntraceableWriter(f"{describe(node)} adds a number, which moves the mean")
+        raise NotApplicable(f"{describe(node)} adds a number, which moves the mean", node=node)
     if _two_tensor_add(node):  # x + alpha * y: sums of zero-mean parts are zero-mean
         operands = []
         for operand in node.args[:2]:
             operand_dim = dim - (rank - _rank(operand))
             if operand_dim < 0 or not same_shape(shape_of(operand)[operand_dim : operand_dim + 1], (size,)):
-                raise UntraceableWriter(f"{describe(node)} broadcasts {operand.name} along the hidden dim")
+                raise NotApplicable(f"{describe(node)} broadcasts {operand.name} along the hidden dim", node=node)
             operands.append((operand, operand_dim))
         return operands
     if is_op(node, aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar) and isinstance(src, Node):
         other = node.args[1]
         if isinstance(other, (int, float)) and not isinstance(other, bool):
             return [(src, dim)]  # scaling by a number keeps a zero mean zero
-    raise UntraceableWriter(f"cannot follow the hidden dim through {describe(node)}")
+    raise NotApplicable(f"cannot follow the hidden dim through {describe(node)}", node=node)
 
 
 def trace_writer(writer: Node) -> WriterTrace:
     """Follow ``writer``'s last dim back to the leaves that produce it (see the module docstring).
 
-    Raises :class:`UntraceableWriter` with a reason naming the node that stops the trace (a graph
+    Raises :class:`NotApplicable` with a reason naming the node that stops the trace (a graph
     input, an op that mixes the hidden dim with others, a grouped convolution, ...).
     """
     leaves: list[WriterLeaf] = []
@@ -369,7 +366,7 @@ def trace_writer(writer: Node) -> WriterTrace:
             leaves.append(WriterLeaf(node, dim))
             continue
         if node.op == "placeholder":
-            raise UntraceableWriter(f"{node.name} is a graph input")
+            raise NotApplicable(f"{node.name} is a graph input", node=node)
         channels = _output_channels(node)
         if channels is None:
             path.append((node, dim))
@@ -377,5 +374,5 @@ def trace_writer(writer: Node) -> WriterTrace:
         elif channels == dim:
             leaves.append(WriterLeaf(node, dim))
         else:
-            raise UntraceableWriter(f"the hidden dim of {describe(node)} is dim {dim}, not its output channels (dim {channels})")
+            raise NotApplicable(f"the hidden dim of {describe(node)} is dim {dim}, not its output channels (dim {channels})", node=node)
     return WriterTrace(writer, leaves, path)

@@ -17,7 +17,7 @@ to the weight's (and bias's) dtype, so a fold costs one rounding. The graph func
 :func:`graphopt.ir.set_tensor` / :func:`graphopt.ir.add_constant`: tensors the graph held are never
 modified, and a weight or bias node that other nodes also read is copied for the rewritten op rather
 than changed under its other readers. They check everything before editing, so a
-:class:`NotFoldable` leaves the graph as it was.
+:class:`graphopt.ir.NotApplicable` leaves the graph as it was.
 """
 
 from __future__ import annotations
@@ -25,11 +25,10 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule, Node
 
-from graphopt.ir import add_constant, aten, get_tensor, is_op, normalized_args, op_name, set_tensor, shape_of
+from graphopt.ir import NotApplicable, add_constant, aten, get_tensor, is_op, normalized_args, op_name, set_tensor, shape_of
 
 __all__ = [
     "CONV_OPS",
-    "NotFoldable",
     "affine_after",
     "affine_before",
     "fold_affine_after",
@@ -39,10 +38,6 @@ __all__ = [
 
 CONV_OPS = (aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution)
 """Convolutions :func:`fold_affine_after` accepts (``aten.convolution`` only when not transposed)."""
-
-
-class NotFoldable(ValueError):
-    """The affine map cannot be folded into this op; the message says why (one clause)."""
 
 
 # ----------------------------------------------------------------------------- tensor arithmetic
@@ -71,7 +66,7 @@ def affine_after(
     s = _float64_vector(scale, channels, weight.device)
     t = _float64_vector(shift, channels, weight.device)
     if s.numel() != channels or t.numel() != channels:
-        raise NotFoldable(f"the affine map has {s.numel()} channels, the weight {channels} output channels")
+        raise NotApplicable(f"the affine map has {s.numel()} channels, the weight {channels} output channels")
     broadcast = [1] * weight.dim()
     broadcast[out_dim] = channels
     new_weight = weight.detach().double() * s.reshape(broadcast)
@@ -92,12 +87,12 @@ def affine_before(weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.
         ``(new_weight, new_bias)`` in the dtypes of ``weight`` and ``bias`` (``weight``'s without a bias).
     """
     if weight.dim() != 2:
-        raise NotFoldable(f"folding before a layer needs a [out, in] linear weight, got shape {tuple(weight.shape)}")
+        raise NotApplicable(f"folding before a layer needs a [out, in] linear weight, got shape {tuple(weight.shape)}")
     features = weight.shape[1]
     s = _float64_vector(scale, features, weight.device)
     t = _float64_vector(shift, features, weight.device)
     if s.numel() != features or t.numel() != features:
-        raise NotFoldable(f"the affine map has {s.numel()} channels, the weight {features} input features")
+        raise NotApplicable(f"the affine map has {s.numel()} channels, the weight {features} input features")
     w = weight.detach().double()
     b = bias.detach().double() if bias is not None else torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device)
     return (w * s).to(weight.dtype), (b + w @ t).to(bias.dtype if bias is not None else weight.dtype)
@@ -136,7 +131,7 @@ def _constant_operand(op: Node, name: str, *, optional: bool) -> Node | None:
         source = op_name(value.target) if value.op == "call_function" else f"a {value.op} node"
     else:
         source = repr(value)
-    raise NotFoldable(f"the {name} of {op.name} is not a constant (it comes from {source})")
+    raise NotApplicable(f"the {name} of {op.name} is not a constant (it comes from {source})", node=op)
 
 
 def _set_arg(node: Node, name: str, value: Node) -> None:
@@ -160,13 +155,13 @@ def _attach(gm: GraphModule, op: Node, name: str, current: Node | None, value: t
 
 
 def _linear_or_conv(op: Node, linear_only: bool) -> tuple[Node, Node | None]:
-    """``op``'s constant weight and bias nodes, or :class:`NotFoldable` saying why not."""
+    """``op``'s constant weight and bias nodes; :class:`NotApplicable` saying why not."""
     accepted = (aten.linear,) if linear_only else (aten.linear, *CONV_OPS)
     if not is_op(op, *accepted):
         kinds = "a linear" if linear_only else "a linear or convolution"
-        raise NotFoldable(f"{op.name} is {op_name(op.target) if op.op == 'call_function' else op.op}, not {kinds}")
+        raise NotApplicable(f"{op.name} is {op_name(op.target) if op.op == 'call_function' else op.op}, not {kinds}", node=op)
     if is_op(op, aten.convolution) and normalized_args(op)["transposed"]:
-        raise NotFoldable(f"{op.name} is a transposed convolution")
+        raise NotApplicable(f"{op.name} is a transposed convolution", node=op)
     return _constant_operand(op, "weight", optional=False), _constant_operand(op, "bias", optional=True)
 
 
@@ -180,7 +175,7 @@ def fold_affine_after(gm: GraphModule, op: Node, scale: torch.Tensor, shift: tor
 
     ``scale`` and ``shift`` act per *output channel* of ``op`` (see :func:`output_channel_dim`; the
     caller checks that the map it folds is indexed by that dim). A missing bias is added. The graph
-    is unchanged when :class:`NotFoldable` is raised (weight or bias not a constant, a transposed
+    is unchanged when :class:`NotApplicable` is raised (weight or bias not a constant, a transposed
     convolution, a channel-count mismatch).
     """
     weight_node, bias_node = _linear_or_conv(op, linear_only=False)
@@ -194,7 +189,7 @@ def fold_affine_before(gm: GraphModule, op: Node, scale: torch.Tensor, shift: to
     """Rewrite the ``aten.linear`` ``op`` to compute ``op(x * scale + shift)``.
 
     ``scale`` and ``shift`` act per *input feature* (the last dim of ``op``'s input). A missing bias
-    is added. The graph is unchanged when :class:`NotFoldable` is raised.
+    is added. The graph is unchanged when :class:`NotApplicable` is raised.
     """
     weight_node, bias_node = _linear_or_conv(op, linear_only=True)
     bias = get_tensor(gm, bias_node) if bias_node is not None else None

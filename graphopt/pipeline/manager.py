@@ -2,13 +2,21 @@
 
 For every pass, in an order that satisfies its ``requires`` / ``after`` constraints:
 
-1. ask ``applicable(gm)``; a pass with nothing to do is recorded with its reason and skipped;
-2. run it on a clone of the graph (tensors shared, never edited in place);
+1. clone the graph (tensors shared, never edited in place) and run the pass's ``analyze`` on the
+   clone, once; a pass with nothing to do raises :class:`graphopt.ir.NotApplicable` and is recorded
+   with its reason (an analysis raising anything else is recorded as not applicable too, with the
+   exception);
+2. ``rewrite`` the clone from that analysis;
 3. lint, eliminate dead code and unused constants, recompile, re-propagate ``meta["val"]``;
 4. run the new graph on the example inputs and compare with the outputs before the pass, under the
    pass's budget (:class:`graphopt.pipeline.verify.Exact` for exact passes), at the output positions the
-   pass declares (``output_masks``) that every earlier pass declared too;
+   pass declares (``PassResult.output_masks``, else ``Pass.output_masks``) that every earlier pass
+   declared too;
 5. keep the clone, or drop it (rollback) and record why; with ``strict=True`` raise instead.
+
+The clone comes before the analysis so that the analysis (which may hold the clone's nodes) is
+handed to the rewrite as is, and computed once per run; a pass that turns out not to apply costs
+a copy of the graph's nodes (not of its tensors).
 
 Each pass is checked against the graph just before it, so an approximate pass's error is not
 charged to the exact passes after it; ``Report.final`` holds the end-to-end comparison, at the
@@ -28,10 +36,10 @@ import torch
 from torch.fx import GraphModule
 
 from graphopt import ir
-from graphopt.frontends.capture import one_line
 from graphopt.ir.flops import count_flops, param_bytes
-from graphopt.pipeline.pass_base import Pass, PassContext, PassResult, get_pass, make_pass
-from graphopt.pipeline.report import APPLIED, NOT_APPLICABLE, ROLLED_BACK, UNCHANGED, PassRecord, Report
+from graphopt.ir.spec import check_ir, check_ir_enabled
+from graphopt.pipeline.pass_base import NotApplicable, Pass, PassContext, PassResult, get_pass, make_pass
+from graphopt.pipeline.report import APPLIED, NOT_APPLICABLE, ROLLED_BACK, UNCHANGED, PassRecord, Report, one_line
 from graphopt.pipeline.verify import Exact, compare, intersect_masks, resolve_masks
 
 __all__ = ["PassFailedError", "PassManager", "PassOrderError", "order_passes", "run_graph"]
@@ -101,6 +109,9 @@ class PassManager:
         strict: raise :class:`PassFailedError` instead of rolling back.
         log: progress messages go here (e.g. ``print``); None for silence.
         observers: called as ``observer(record, graph_before, graph_after)`` after each pass.
+        check_ir: check the canonical IR's guarantees (:mod:`graphopt.ir.spec`) on the input graph
+            and after every applied pass, raising :class:`graphopt.ir.spec.IRSpecError` at the first
+            pass that breaks them; None: when the ``GRAPHOPT_CHECK_IR`` environment variable is set.
     """
 
     def __init__(
@@ -111,8 +122,10 @@ class PassManager:
         strict: bool = False,
         log: Callable[[str], None] | None = None,
         observers: Sequence[Observer] = (),
+        check_ir: bool | None = None,
     ):
         self.passes = order_passes([make_pass(p) for p in passes])
+        self.check_ir = check_ir_enabled(check_ir)
         self.verify = verify
         self.strict = strict
         self.log = log or (lambda msg: None)
@@ -124,6 +137,8 @@ class PassManager:
         """Run the pipeline on ``gm`` (left untouched); returns the new graph and the report."""
         report = report or Report()
         args, kwargs = tuple(example_inputs), dict(example_kwargs or {})
+        if self.check_ir:
+            check_ir(gm, "captured", where="given to the pass manager")
         original = run_graph(gm, args, kwargs)
         count_flops(gm, args, kwargs)  # records the example's data-dependent sizes, if any
         current, reference = gm, original
@@ -156,21 +171,21 @@ class PassManager:
         report.records.append(record)
         self.log(f"[{p.name}] checking applicability")
         start = time.perf_counter()
-        try:
-            ok, reason = p.applicable(gm)
-        except Exception as e:  # noqa: BLE001 - a broken check is reported like a broken pass
-            ok, reason = False, f"applicability check raised {one_line(e)}"
-        if not ok:
-            record.reason = reason or "not applicable"
-            record.seconds = time.perf_counter() - start
-            self.log(f"[{p.name}] not applicable: {record.reason}")
-            return gm, reference, compared
         work = ir.clone_graph_module(gm)
         ctx = PassContext(example_inputs=args, example_kwargs=kwargs, reference=reference, log=self.log, state=state)
+        try:
+            analysis = p.analyze(work, ctx)
+        except NotApplicable as e:
+            return self._not_applicable(p, record, e.reason, start, gm, reference, compared)
+        except Exception as e:  # noqa: BLE001 - a broken check is reported like a broken pass
+            return self._not_applicable(p, record, f"applicability check raised {one_line(e)}", start, gm, reference, compared)
         self.log(f"[{p.name}] running")
         narrowed = compared
         try:
-            result = p.run(work, ctx)
+            try:
+                result = p.rewrite(work, analysis, ctx)
+            except NotApplicable as e:  # found out late; the clone is dropped
+                return self._not_applicable(p, record, e.reason, start, gm, reference, compared)
             result = result if isinstance(result, PassResult) else PassResult(changed=bool(result))
             record.stats.update(result.stats)
             if not result.changed:
@@ -180,8 +195,9 @@ class PassManager:
             ir.cleanup(work)
             ir.propagate_shapes(work, list(args))
             outputs = run_graph(work, args, kwargs)
+            declare = result.output_masks if result.output_masks is not None else p.output_masks
             if self.verify:
-                narrowed = compared.narrowed(p, reference, ctx)
+                narrowed = compared.narrowed(p.name, declare, reference, ctx)
                 check = compare(outputs, reference, p.budget, narrowed.masks)
                 record.metric, record.error = check.metric, check.value
                 if not check.ok:
@@ -194,11 +210,19 @@ class PassManager:
             if self.strict:
                 raise PassFailedError(f"pass {p.name!r} {record.reason}") from e
             return gm, reference, compared
-        record.status, record.reason = APPLIED, result.message
+        if self.check_ir:  # a broken IR is a bug in the pass, not a rewrite to roll back: raise
+            check_ir(work, "canonicalized" if any(r.name == "canonicalize" for r in report.records) else "captured", where=f"after {p.name}")
+        record.status, record.reason, record.output_masks = APPLIED, result.message, declare
         record.seconds = time.perf_counter() - start
         record.nodes_after, record.param_bytes_after, record.flops_after = _op_count(work), param_bytes(work), count_flops(work, args, kwargs)
         self.log(f"[{p.name}] applied ({record.nodes_before} -> {record.nodes_after} ops)")
         return work, outputs, narrowed
+
+    def _not_applicable(self, p: Pass, record: PassRecord, reason: str, start: float, gm, reference, compared) -> tuple[GraphModule, Any, _Compared]:
+        record.status, record.reason = NOT_APPLICABLE, reason or "not applicable"
+        record.seconds = time.perf_counter() - start
+        self.log(f"[{p.name}] not applicable: {record.reason}")
+        return gm, reference, compared
 
 
 class _VerificationFailed(RuntimeError):
@@ -209,8 +233,9 @@ class _VerificationFailed(RuntimeError):
 class _Compared:
     """The output positions still meaningful after the passes so far, per flat output leaf.
 
-    A pass's ``output_masks`` declares the positions where its output must equal the one before
-    it; elsewhere the values are meaningless by design (the pad tokens of ``remove_padding``).
+    A pass's output masks (``PassResult.output_masks``) declare the positions where its output
+    must equal the one before it; elsewhere the values are meaningless by design (the pad tokens
+    of ``remove_padding``).
     Later passes cannot make such a position meaningful again, so the positions compared after a
     pipeline are those *every* applied pass compared: the intersection of their masks.
     """
@@ -218,8 +243,8 @@ class _Compared:
     masks: list[torch.Tensor | None] | None = None  # None: all positions
     declared_by: tuple[str, ...] = ()
 
-    def narrowed(self, p: Pass, reference: Any, ctx: PassContext) -> _Compared:
-        declared = resolve_masks(p.output_masks(reference, ctx), reference)
+    def narrowed(self, name: str, declare: Callable[[Any, PassContext], Any], reference: Any, ctx: PassContext) -> _Compared:
+        declared = resolve_masks(declare(reference, ctx), reference)
         if declared is None:
             return self
-        return _Compared(intersect_masks(self.masks, declared), (*self.declared_by, p.name))
+        return _Compared(intersect_masks(self.masks, declared), (*self.declared_by, name))

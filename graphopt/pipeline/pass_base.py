@@ -1,7 +1,8 @@
 """The ``Pass`` API and the pass registry.
 
-A pass is a small class: a name, whether it is exact, ordering constraints, an applicability check
-that says *why not*, and a rewrite that edits the canonical IR in place::
+A pass is a small class: a name, whether it is exact, ordering constraints, its options (a frozen
+``Config`` dataclass), an analysis that finds what to rewrite or says *why not*, and a rewrite that
+edits the canonical IR in place::
 
     @graphopt.register_pass
     class DropIdentityViews(graphopt.Pass):
@@ -10,29 +11,45 @@ that says *why not*, and a rewrite that edits the canonical IR in place::
         name = "drop_identity_views"
         exact = True
 
-        def applicable(self, gm):
-            found = any(self.is_identity(n) for n in gm.graph.nodes)
-            return found, "" if found else "no identity view in the graph"
+        @dataclass(frozen=True)
+        class Config:
+            keep_named: bool = False  # DropIdentityViews(keep_named=True) or DropIdentityViews(config=...)
 
-        def run(self, gm, ctx):
+        def analyze(self, gm, ctx):
+            views = [n for n in gm.graph.nodes if self.is_identity(n)]
+            if not views:
+                raise graphopt.NotApplicable("no identity view in the graph")
+            return views
+
+        def rewrite(self, gm, views, ctx):
             ...
-            return graphopt.PassResult(changed=True, stats={"removed": k})
+            return graphopt.PassResult(changed=True, stats={"removed": len(views)})
 
-The pass manager takes care of everything around ``run``: dead-code elimination, shape
-re-propagation, verification against the outputs before the pass, rollback, and the report.
+The pass manager runs ``analyze`` once, on its copy of the graph, and hands the result to
+``rewrite``; it takes care of everything around them: dead-code elimination, shape re-propagation,
+verification against the outputs before the pass, rollback, and the report. A pass holds no state
+of a run: what verification needs from a run (``PassResult.output_masks``) comes back in the result.
+
+Passes written against the earlier protocol, ``applicable(gm) -> (ok, reason)`` and
+``run(gm, ctx)``, keep working: the base class's ``analyze`` asks ``applicable`` and its
+``rewrite`` calls ``run``. Conversely a pass that defines ``analyze`` / ``rewrite`` still answers
+``applicable(gm)`` and ``run(gm, ctx)`` when called directly.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar, Sequence
 
 from torch.fx import GraphModule
 
+from graphopt.ir import NotApplicable
 from graphopt.pipeline.verify import Budget, Exact
 
 __all__ = [
+    "NotApplicable",
     "Pass",
     "PassContext",
     "PassResult",
@@ -41,16 +58,43 @@ __all__ = [
     "get_pass",
     "make_pass",
     "register_pass",
+    "summarize_reasons",
 ]
+
+REASONS_SHOWN = 3
+"""How many reasons :func:`summarize_reasons` spells out before counting the rest."""
+
+
+def summarize_reasons(reasons: Sequence[str], shown: int = REASONS_SHOWN) -> str:
+    """The first ``shown`` reasons joined by ``"; "``, then how many more: ``"a; b; c (+2 more)"``.
+
+    For a pass's message when it leaves several candidates alone, each with its own reason.
+    """
+    text = "; ".join(reasons[:shown])
+    more = len(reasons) - shown
+    return text + (f" (+{more} more)" if more > 0 else "")
 
 
 @dataclass
 class PassResult:
-    """What a pass's ``run`` reports: whether it changed the graph, and counters for the report."""
+    """What a pass's rewrite reports.
+
+    Attributes:
+        changed: whether the graph changed (False: the manager keeps the graph before the pass).
+        stats: counters for the report.
+        message: a sentence for the report (e.g. why some candidates were left alone).
+        output_masks: which output positions verification compares, as a function
+            ``output_masks(reference, ctx)`` of the graph's outputs before the pass and the context
+            they were computed in (its ``example_inputs``); None: every position. A function rather
+            than masks because the positions follow the inputs (the pad tokens of a batch):
+            :mod:`graphopt.testing` calls it again on inputs the pass never saw. It returns what
+            :func:`graphopt.pipeline.verify.resolve_masks` accepts.
+    """
 
     changed: bool
     stats: dict[str, Any] = field(default_factory=dict)
     message: str = ""
+    output_masks: Callable[[Any, PassContext], Any] | None = None
 
 
 @dataclass
@@ -83,9 +127,13 @@ class Pass:
             pipeline when missing.
         after: names of passes that, when present in the pipeline, run before this one.
         budget: how the manager verifies the pass (default: :class:`graphopt.pipeline.verify.Exact`).
+        Config: the pass's options, a frozen dataclass (the base one has no field). A pass is built
+            as ``P(**options)`` or ``P(config=P.Config(...))``; the instance keeps it as ``config``.
+            Frozen, so a pipeline, a report or a search can list, compare and vary options.
 
-    Subclasses take their options as constructor keyword arguments and must not modify tensors
-    held by the graph in place (use :func:`graphopt.ir.set_tensor` / ``add_constant``).
+    Subclasses implement :meth:`analyze` and :meth:`rewrite` (or, as before, :meth:`applicable`
+    and :meth:`run`), keep no state of a run on the instance, and must not modify tensors held by
+    the graph in place (use :func:`graphopt.ir.set_tensor` / ``add_constant``).
     """
 
     name: ClassVar[str] = ""
@@ -94,21 +142,104 @@ class Pass:
     after: ClassVar[tuple[str, ...]] = ()
     budget: Budget = Exact()
 
+    @dataclass(frozen=True)
+    class Config:
+        """No options."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        config = cls.__dict__.get("Config")
+        if config is not None and not (dataclasses.is_dataclass(config) and config.__dataclass_params__.frozen):
+            raise TypeError(f"{cls.__name__}.Config must be a frozen dataclass (@dataclass(frozen=True))")
+
+    def __init__(self, *, config: Any = None, **options: Any):
+        cls = type(self)
+        label = f"pass {cls.name!r}" if cls.name else cls.__name__
+        if config is not None:
+            if options:
+                raise TypeError(f"{label} takes a config or options, not both")
+            if not isinstance(config, cls.Config):
+                raise TypeError(f"{label} expects a {cls.__name__}.Config, not {type(config).__name__}")
+            self.config = config
+            return
+        known = [f.name for f in dataclasses.fields(cls.Config)]
+        unknown = [k for k in options if k not in known]
+        if unknown:
+            takes = f"its options: {', '.join(known)}" if known else "it takes no options"
+            raise TypeError(f"{label} got unknown option(s) {', '.join(unknown)}; {takes}")
+        try:
+            self.config = cls.Config(**options)
+        except TypeError as e:  # a required option is missing
+            raise TypeError(f"{label}: {e}") from None
+
+    # -- the protocol the pass manager uses
+
+    def analyze(self, gm: GraphModule, ctx: PassContext) -> Any:
+        """Find what to rewrite in ``gm``; raise :class:`NotApplicable` when there is nothing to do.
+
+        Runs once per pipeline run, on the manager's copy of the graph that :meth:`rewrite` then
+        edits, so the result may hold its nodes. ``ctx`` is the context :meth:`rewrite` gets; an
+        analysis should not need ``ctx.example_inputs`` (:meth:`applicable` passes an empty
+        context). Must not edit ``gm``. The default asks :meth:`applicable` and returns None.
+        """
+        ok, reason = self.applicable(gm)
+        if not ok:
+            raise NotApplicable(reason or "not applicable")
+        return None
+
+    def rewrite(self, gm: GraphModule, analysis: Any, ctx: PassContext) -> bool | PassResult:
+        """Rewrite ``gm`` in place from ``analysis`` (what :meth:`analyze` returned on this ``gm``);
+        return whether it changed, or a :class:`PassResult`. It may still raise
+        :class:`NotApplicable` (the manager drops its copy and records the reason). The default
+        calls :meth:`run`."""
+        return self.run(gm, ctx)
+
+    # -- the earlier protocol, and direct calls
+
     def applicable(self, gm: GraphModule) -> tuple[bool, str]:
-        """Whether the pass has anything to do on ``gm`` and, if not, why (one sentence)."""
+        """Whether the pass has anything to do on ``gm`` and, if not, why (one sentence).
+
+        The default runs :meth:`analyze` with an empty :class:`PassContext` when the pass defines
+        one, else answers yes.
+        """
+        if type(self).analyze is Pass.analyze:
+            return True, ""
+        try:
+            self.analyze(gm, PassContext())
+        except NotApplicable as e:
+            return False, e.reason
         return True, ""
 
     def run(self, gm: GraphModule, ctx: PassContext) -> bool | PassResult:
-        """Rewrite ``gm`` in place; return whether it changed (or a :class:`PassResult`)."""
-        raise NotImplementedError
+        """Rewrite ``gm`` in place; return whether it changed (or a :class:`PassResult`).
+
+        The default is :meth:`analyze` then :meth:`rewrite` (raising :class:`NotApplicable` when
+        there is nothing to do), for passes that define them.
+        """
+        if type(self).rewrite is Pass.rewrite:
+            raise NotImplementedError(f"{type(self).__name__} defines neither rewrite nor run")
+        return self.rewrite(gm, self.analyze(gm, ctx), ctx)
 
     def output_masks(self, reference: Any, ctx: PassContext):
-        """Which output positions verification compares (None: all). See :func:`graphopt.pipeline.verify.compare`."""
+        """Which output positions verification compares (None: all). See :func:`graphopt.pipeline.verify.compare`.
+
+        For passes whose positions do not depend on the run; a pass whose positions do returns
+        them in :attr:`PassResult.output_masks`, which takes precedence.
+        """
         return None
 
+    # -- options
+
     def options(self) -> dict[str, Any]:
-        """The options this instance was built with (for reports)."""
-        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+        """The options this instance was built with (its ``config``'s fields), for reports.
+
+        A pass written before ``Config`` (options kept as instance attributes by its own
+        ``__init__``) reports its public attributes instead.
+        """
+        config = self.__dict__.get("config")
+        if dataclasses.is_dataclass(config) and dataclasses.fields(config):
+            return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+        return {k: v for k, v in vars(self).items() if not k.startswith("_") and k != "config"}
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())

@@ -9,16 +9,24 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from tabulate import tabulate
 
-__all__ = ["APPLIED", "NOT_APPLICABLE", "ROLLED_BACK", "UNCHANGED", "PassRecord", "Report"]
+__all__ = ["APPLIED", "NOT_APPLICABLE", "ROLLED_BACK", "UNCHANGED", "PassRecord", "Report", "one_line"]
 
 APPLIED = "applied"
 UNCHANGED = "unchanged"
 NOT_APPLICABLE = "not applicable"
 ROLLED_BACK = "rolled back"
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message, prefixed by its type and clipped to ``limit``."""
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else ""
+    msg = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return msg if len(msg) <= limit else msg[: limit - 3] + "..."
 
 
 @dataclass
@@ -39,6 +47,16 @@ class PassRecord:
     metric: str = ""
     error: float | None = None
     stats: dict[str, Any] = field(default_factory=dict)
+    output_masks: Callable[..., Any] | None = field(default=None, repr=False, compare=False)
+    """An applied pass's ``output_masks(reference, ctx)`` (see :class:`graphopt.pipeline.pass_base.PassResult`):
+    the output positions its verification compared; kept so that tests can ask again on other
+    inputs (:func:`graphopt.testing.declared_masks`). Not data: left out of :meth:`Report.to_dict`."""
+
+
+def _record_data(record: PassRecord) -> dict[str, Any]:
+    data = dataclasses.asdict(dataclasses.replace(record, output_masks=None))  # a function is no data (and asdict would deep-copy it)
+    del data["output_masks"]
+    return data
 
 
 def _human(n: float, unit: str = "") -> str:
@@ -112,7 +130,7 @@ class Report:
         return "\n".join(parts) + "\n"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "capture": self.capture, "final": self.final, "records": [dataclasses.asdict(r) for r in self.records]}
+        return {"model": self.model, "capture": self.capture, "final": self.final, "records": [_record_data(r) for r in self.records]}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, default=str)

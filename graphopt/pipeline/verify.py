@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils import _pytree as pytree
 
-__all__ = ["Budget", "Check", "Exact", "MinCosine", "Masks", "compare", "flat_outputs", "intersect_masks", "relative_error", "resolve_masks"]
+__all__ = ["Budget", "Check", "Exact", "MinCosine", "Masks", "compare", "flat_outputs", "intersect_masks", "relative_error", "resolve_masks", "row_cosines"]
 
 # per flat output leaf, a boolean tensor broadcastable to it (True: compared) or None (all of it)
 Masks = Sequence[torch.Tensor | None] | Callable[[int, torch.Tensor], torch.Tensor | None] | None
@@ -53,7 +53,19 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return err / scale if scale > 0 else err
 
 
-def _row_cosines(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+def row_cosines(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """The cosine similarity of each row (along the last dimension) of ``out`` with the same row of
+    ``ref``, in float64: a tensor of one value per row (a 0-d tensor counts as one row of one).
+
+    Two rows that are both zero count as similar (1.0); a zero row against a non-zero one as 0.0.
+    This is graphopt's one row cosine: :class:`MinCosine` takes its mean, and the zoo's embedding
+    fidelity (``zoo.cosine_similarity_rows``) is this function.
+
+    Raises:
+        ValueError: the shapes differ.
+    """
+    if out.shape != ref.shape:
+        raise ValueError(f"row cosines need tensors of equal shape, got {tuple(out.shape)} and {tuple(ref.shape)}")
     a = out.detach().double().reshape(-1, out.shape[-1]) if out.dim() else out.detach().double().reshape(1, 1)
     b = ref.detach().double().reshape(-1, ref.shape[-1]) if ref.dim() else ref.detach().double().reshape(1, 1)
     both_zero = (a.norm(dim=-1) == 0) & (b.norm(dim=-1) == 0)
@@ -104,7 +116,7 @@ class MinCosine(Budget):
     metric = "cosine"
 
     def measure(self, out, ref):
-        return _row_cosines(out, ref).mean().item()
+        return row_cosines(out, ref).mean().item()
 
     def within(self, value):
         return value >= self.threshold

@@ -20,16 +20,18 @@ with γ going from 1 to 0 during training (linearly in the paper: γ = 1 − p a
 This module applies that to an already trained model without touching it:
 
 * :func:`prepare` captures the model and runs the ``layernorm_to_repbn`` pass
-  (``graphopt/passes/layernorm_to_repbn.py``), which replaces chosen ``aten.layer_norm`` nodes by
-  calls to :class:`PRepBN` modules; the result, a :class:`RepBNModel`, is trainable and has
+  (``passes/layernorm_to_repbn.py``, which also defines :class:`PRepBN` and :class:`Progress`), which
+  replaces chosen ``aten.layer_norm`` nodes by calls to :class:`PRepBN` modules; the result, a :class:`RepBNModel`, is trainable and has
   ``set_progress(p)``. At p = 0 it computes exactly what the model did.
 * :func:`distill` recovers the function without labels: it fine-tunes the :class:`RepBNModel`
-  against the original model (self-distillation on the outputs) while p goes from 0 to 1, after
-  :func:`calibrate` has started each RepBN as the affine map closest to its LayerNorm.
-* :func:`finalize` (exact) turns a model at γ = 0 into an inference graph with no norm left where
-  folding is possible: each RepBN's ``x·(s + η) + t`` goes into the linears that read its output
-  when every reader is a linear, else into the linear that computes its input when the norm is that
-  linear's only reader, else it stays as one multiply and one add, ``x·(s + η) + t``.
+  against the original model (self-distillation on the outputs, with the shared engine of
+  :mod:`graphopt.tools.distill`) while p goes from 0 to 1, after :func:`calibrate` has started each
+  RepBN as the affine map closest to its LayerNorm.
+* :func:`finalize` (exact; the ``fold_repbn`` pass, ``passes/fold_repbn.py``) turns a model at
+  γ = 0 into an inference graph with no norm left where folding is possible: each RepBN's
+  ``x·(s + η) + t`` goes into the linears that read its output when every reader is a linear, else
+  into the linear that computes its input when the norm is that linear's only reader, else it stays
+  as one multiply and one add, ``x·(s + η) + t``.
 
 Choices the paper leaves open or makes differently. η is one scalar initialised to 1 and BatchNorm
 starts as ``nn.BatchNorm1d`` does (weight 1, bias 0, mean 0, var 1), both as in SLAB's code; SLAB
@@ -43,29 +45,47 @@ be measured. Batch statistics include every token position, padding included (SL
 from __future__ import annotations
 
 import copy
+import os
 import re
-import time
 import warnings
-from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
 
 from graphopt import ir
 from graphopt.frontends.api import OptimizedModule, optimize
-from graphopt.frontends.capture import _normalize_args, inference_view
+from graphopt.frontends.capture import normalize_args
+from graphopt.passes.fold_repbn import FoldRepBN
+from graphopt.passes.layernorm_to_repbn import (
+    ARGUMENTS,
+    LEARNABLE,
+    PRepBN,
+    Progress,
+    as_parameter,
+    linear_schedule,
+    prepbn_nodes,
+    repbn_scale_shift,
+)
 from graphopt.pipeline.manager import PassManager
-from graphopt.pipeline.pass_base import Pass, PassContext, PassResult, make_pass
+from graphopt.pipeline.pass_base import make_pass
 from graphopt.pipeline.report import APPLIED, Report
-from graphopt.ir.weights import fold_affine_after, fold_affine_before
+from graphopt.tools.distill import (
+    DistillConfig,
+    DistillHistory,
+    DistillHooks,
+    Distiller,
+    as_call,
+    distillation_loss,
+    linear_ramp,
+)
 
 __all__ = [
     "ARGUMENTS",
     "DistillHistory",
     "FoldRepBN",
+    "LEARNABLE",
     "PRepBN",
     "Progress",
     "RepBNModel",
@@ -80,110 +100,9 @@ __all__ = [
     "repbn_scale_shift",
 ]
 
-ARGUMENTS = ("input", "ln_weight", "ln_bias", "bn_weight", "bn_bias", "running_mean", "running_var", "eta")
-"""The arguments of a PRepBN ``call_module`` node, in order."""
-
-LEARNABLE = ("ln_weight", "ln_bias", "bn_weight", "bn_bias", "eta")
-"""The PRepBN arguments that training updates by gradient (the statistics are updated by BatchNorm)."""
-
-
-def linear_schedule(p: float) -> float:
-    """SLAB's schedule: γ = 1 − p."""
-    return 1.0 - p
-
-
-class Progress:
-    """The progress p ∈ [0, 1] that the PRepBN modules of one model share, and their γ = schedule(p).
-
-    ``schedule`` maps p to γ ∈ [0, 1] and must give γ = 1 at p = 0 (the original model) and γ = 0 at
-    p = 1 (RepBN alone, which :func:`finalize` needs).
-    """
-
-    def __init__(self, schedule: Callable[[float], float] = linear_schedule):
-        for p, wanted in ((0.0, 1.0), (1.0, 0.0)):
-            got = float(schedule(p))
-            if got != wanted:
-                raise ValueError(f"a PRepBN schedule must give gamma={wanted:g} at progress {p:g}, got {got:g}")
-        self.schedule = schedule
-        self.p, self.gamma = 0.0, 1.0
-
-    def set(self, p: float) -> None:
-        """Move to progress ``p``."""
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"progress must be in [0, 1], got {p}")
-        gamma = float(self.schedule(p))
-        if not 0.0 <= gamma <= 1.0:
-            raise ValueError(f"the schedule gave gamma={gamma:g} at progress {p:g}; gamma must be in [0, 1]")
-        self.p, self.gamma = float(p), gamma
-
-    def __repr__(self) -> str:
-        return f"Progress(p={self.p:g}, gamma={self.gamma:g})"
-
-
-class PRepBN(nn.Module):
-    """``γ·LN(x) + (1 − γ)·(BN(x) + η·x)`` over the last dim of ``x``; γ comes from a shared :class:`Progress`.
-
-    The module holds no tensors: its graph node passes them in (see :data:`ARGUMENTS`) as
-    ``get_attr`` constants of the graph module, because graphopt's clean-up drops any constant that
-    no ``get_attr`` node reads. In training mode BatchNorm normalises with the batch's statistics
-    and updates the running ones (as SLAB trains), unless ``batch_statistics`` is False: then it
-    uses the running statistics as in eval mode ("frozen" BatchNorm, see :func:`distill`). A branch
-    whose weight is zero is not computed, except BatchNorm when it updates its running statistics,
-    so that they follow the features from the first step.
-    """
-
-    def __init__(self, channels: int, ln_eps: float, bn_eps: float, momentum: float, progress: Progress, source: str = ""):
-        super().__init__()
-        self.channels = channels
-        self.ln_eps = ln_eps
-        self.bn_eps = bn_eps
-        self.momentum = momentum
-        self.progress = progress
-        self.source = source  # the replaced LayerNorm, for messages
-        self.batch_statistics = True
-
-    @property
-    def updates_statistics(self) -> bool:
-        return self.training and self.batch_statistics
-
-    def forward(self, x, ln_weight, ln_bias, bn_weight, bn_bias, running_mean, running_var, eta):
-        gamma = self.progress.gamma
-        rep = self.repbn(x, bn_weight, bn_bias, running_mean, running_var, eta) if gamma < 1 or self.updates_statistics else None
-        if gamma == 0:
-            return rep
-        ln = F.layer_norm(x, (self.channels,), ln_weight, ln_bias, self.ln_eps)
-        return ln if gamma == 1 else gamma * ln + (1 - gamma) * rep
-
-    def repbn(self, x, bn_weight, bn_bias, running_mean, running_var, eta):
-        """``BN(x) + η·x``, BatchNorm over the channels of all tokens (``x`` flattened to ``[-1, C]``)."""
-        rows = x.reshape(-1, self.channels)
-        normalized = F.batch_norm(rows, running_mean, running_var, bn_weight, bn_bias, self.updates_statistics, self.momentum, self.bn_eps)
-        return normalized.reshape(x.shape) + eta * x
-
-    def extra_repr(self) -> str:
-        return f"{self.channels}, source={self.source!r}, {self.progress}"
-
-
-def repbn_scale_shift(bn_weight, bn_bias, running_mean, running_var, eta, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eval-mode RepBN as ``x·scale + shift`` (float64): ``scale = s + η``, ``shift = b − mean·s``, ``s = w / sqrt(var + eps)``."""
-    s = bn_weight.double() / torch.sqrt(running_var.double() + eps)
-    return s + eta.double(), bn_bias.double() - running_mean.double() * s
-
-
-def as_parameter(gm: GraphModule, target: str, requires_grad: bool = False) -> nn.Parameter:
-    """Make the constant at ``target`` an ``nn.Parameter`` of ``gm`` (a buffer becomes one) and return it."""
-    *path, leaf = target.split(".")
-    owner = gm.get_submodule(".".join(path))
-    if leaf in owner._buffers:
-        owner.register_parameter(leaf, nn.Parameter(owner._buffers.pop(leaf), requires_grad=requires_grad))
-    param = owner._parameters[leaf]
-    param.requires_grad_(requires_grad)
-    return param
-
-
-def prepbn_nodes(gm: GraphModule) -> list[Node]:
-    """The ``call_module`` nodes of ``gm`` that call a :class:`PRepBN`, in graph order."""
-    return [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), PRepBN)]
+# ARGUMENTS, LEARNABLE, linear_schedule, Progress, PRepBN, repbn_scale_shift, as_parameter and
+# prepbn_nodes live with the pass that builds PRepBN graphs (passes may not import tools); they are
+# re-exported here, where the workflow's users have always found them.
 
 
 class RepBNModel(nn.Module):
@@ -273,7 +192,7 @@ def prepare(
         raise ValueError(f"trainable must be 'all' or 'norms', got {trainable!r}")
     repbn_pass = make_pass("layernorm_to_repbn", layers=layers, pattern=pattern, schedule=schedule, eta=eta)
     passes = (["canonicalize"] if canonicalize else []) + [repbn_pass]
-    args, kwargs = _normalize_args(example_inputs), dict(example_kwargs or {})
+    args, kwargs = normalize_args(example_inputs), dict(example_kwargs or {})
     opt = optimize(model, passes, args, example_kwargs=kwargs, dynamic_shapes=dynamic_shapes, strict=True, log=log, name=type(model).__name__)
     record = opt.report.record(repbn_pass.name)
     if record.status != APPLIED:
@@ -324,7 +243,13 @@ def calibrate(student: RepBNModel, batches: Sequence[Any]) -> None:
     model's LayerNorm is thereby replaced, at the start, by the best map RepBN can express, rather
     than by BatchNorm's default (SLAB trains from scratch; converting a trained model is not its
     setting). Runs the student at progress 0 in eval mode; leaves its progress as it was.
+    ``batches`` are as for :func:`distill`.
     """
+    _calibrate(student, [as_call(b) for b in batches])
+
+
+def _calibrate(student: RepBNModel, calls: Sequence[tuple[tuple, dict]]) -> None:
+    """:func:`calibrate` on ``(args, kwargs)`` pairs."""
     nodes = prepbn_nodes(student.graph_module)
     moments = {node.name: _Moments() for node in nodes}
     modules = {node.name: student.graph_module.get_submodule(node.target) for node in nodes}
@@ -334,8 +259,7 @@ def calibrate(student: RepBNModel, batches: Sequence[Any]) -> None:
     student.set_progress(0.0)
     try:
         with torch.no_grad():
-            for batch in batches:
-                a, k = _as_call(batch)
+            for a, k in calls:
                 student(*a, **k)
     finally:
         for hook in hooks:
@@ -354,31 +278,28 @@ def calibrate(student: RepBNModel, batches: Sequence[Any]) -> None:
             bias.copy_(b + s * x_mean)
 
 
-@dataclass
-class DistillHistory:
-    """What :func:`distill` did: the loss at every step (before its update), the progress it ran at, the time it took."""
+class _PRepBNHooks(DistillHooks):
+    """PRepBN's part of a distillation run: calibration, the progress schedule, frozen BatchNorm statistics."""
 
-    loss: list[float] = field(default_factory=list)
-    progress: list[float] = field(default_factory=list)
-    seconds: float = 0.0
+    def __init__(self, student: RepBNModel, schedule: Callable[[int], float], batch_statistics: bool):
+        self.student, self.schedule, self.batch_statistics = student, schedule, batch_statistics
 
+    def calibrate(self, student: nn.Module, calls: Sequence[tuple[tuple, dict]]) -> None:
+        _calibrate(self.student, calls)
 
-def _float_leaves(outputs: Any) -> list[torch.Tensor]:
-    return [x for x in torch.utils._pytree.tree_leaves(outputs) if isinstance(x, torch.Tensor) and x.is_floating_point()]
+    def progress(self, step: int) -> float:
+        return self.schedule(step)
 
+    def set_progress(self, p: float) -> None:
+        self.student.set_progress(p)
 
-def distillation_loss(outputs: Any, targets: Any, kind: str = "cosine") -> torch.Tensor:
-    """Mean over the floating-point outputs of ``1 − cosine`` over the last dim's rows (``"cosine"``) or of the MSE (``"mse"``)."""
-    terms = []
-    for out, ref in zip(_float_leaves(outputs), _float_leaves(targets), strict=True):
-        if kind == "cosine":
-            rows = out.shape[-1] if out.dim() else 1
-            terms.append(1 - F.cosine_similarity(out.reshape(-1, rows), ref.reshape(-1, rows), dim=-1).mean())
-        elif kind == "mse":
-            terms.append(F.mse_loss(out, ref))
-        else:
-            raise ValueError(f"loss must be 'cosine' or 'mse', got {kind!r}")
-    return torch.stack(terms).mean()
+    def begin_training(self, student: nn.Module) -> None:
+        for norm in self.student.norms().values():
+            norm.batch_statistics = self.batch_statistics
+
+    def end_training(self, student: nn.Module) -> None:
+        for norm in self.student.norms().values():
+            norm.batch_statistics = True
 
 
 def distill(
@@ -395,6 +316,13 @@ def distill(
     batch_statistics: bool = False,
     log: Callable[[str], None] | None = None,
     log_every: int = 50,
+    match: Mapping[str, str] | Sequence[str] = (),
+    seed: int | None = 0,
+    max_seconds: float | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
+    progress_bar: bool = False,
 ) -> DistillHistory:
     """Fine-tune ``student`` to reproduce ``teacher`` (the original model) on unlabelled inputs.
 
@@ -403,7 +331,7 @@ def distill(
     ``batches``) at the step's progress and takes an AdamW step (gradients clipped to norm 1) on the
     student's trainable parameters against :func:`distillation_loss` between the student's outputs
     and the teacher's (e.g. sentence embeddings or hidden states). The teacher runs once per batch,
-    in eval mode, without gradients.
+    in eval mode, without gradients. The loop is :class:`graphopt.tools.distill.Distiller`'s.
 
     By default BatchNorm keeps the calibrated statistics during training (``batch_statistics=False``:
     frozen BatchNorm, as in small-batch fine-tuning); its weight, bias and η still learn, and at
@@ -422,126 +350,52 @@ def distill(
         loss: ``"cosine"`` or ``"mse"``.
         hold_steps: with the default schedule, steps at p = 1 after the ramp (default: a tenth).
         schedule: ``schedule(step) -> p`` for step 0 .. steps−1, replacing the default: p rising
-            linearly from 0 at step 0 to 1 at step ``steps − hold_steps − 1``, then staying at 1.
+            linearly from 0 at step 0 to 1 at step ``steps − hold_steps − 1``, then staying at 1
+            (:func:`graphopt.tools.distill.linear_ramp`).
         calibration_batches: how many of ``batches`` :func:`calibrate` uses (0: no calibration).
         batch_statistics: normalise with batch statistics while training (see above).
-        log: receives a line every ``log_every`` steps.
+        log: receives a line every ``log_every`` steps (and on the last one).
+        match: intermediate values to distil as well, student name → teacher name (see
+            :func:`graphopt.tools.distill.tap_points`), weighted like the outputs.
+        seed: the seed of the run's random state (None: the global one).
+        max_seconds: stop after the first step that ends this late (the progress may then be
+            below 1: resume from ``checkpoint`` to finish).
+        checkpoint: a file for the training state (student, optimizer, step, random state),
+            written when the run stops and, with ``checkpoint_every``, every that many steps.
+        resume: continue from ``checkpoint`` when that file exists (no calibration then: the
+            checkpoint holds the student's calibrated state); the result equals an uninterrupted
+            run's. The student must come from the same :func:`prepare` call arguments.
+        progress_bar: redraw a status line on stderr at every step (step, progress, loss, fidelity).
+
+    Returns:
+        the :class:`DistillHistory`: loss, progress and output fidelity per step, training seconds.
     """
     if steps < 1 or not batches:
         raise ValueError("distill needs steps >= 1 and at least one batch")
     if schedule is None:
-        hold = steps // 10 if hold_steps is None else hold_steps
-        ramp = steps - hold
-        schedule = (lambda step: min(1.0, step / (ramp - 1))) if ramp > 1 else (lambda step: 1.0)
-    params = [p for p in student.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the student has no trainable parameters")
-    if calibration_batches:
-        calibrate(student, batches[:calibration_batches])
-    calls = [_as_call(b) for b in batches]
-    with torch.no_grad(), inference_view(teacher):
-        targets = [teacher(*a, **k) for a, k in calls]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    norms = list(student.norms().values())
-    history = DistillHistory()
-    start = time.perf_counter()
-    student.train()
-    for norm in norms:
-        norm.batch_statistics = batch_statistics
-    try:
-        for step in range(steps):
-            p = schedule(step)
-            student.set_progress(p)
-            a, k = calls[step % len(calls)]
-            value = distillation_loss(student(*a, **k), targets[step % len(calls)], loss)
-            optimizer.zero_grad(set_to_none=True)
-            value.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            history.loss.append(value.item())
-            history.progress.append(p)
-            if log and (step % log_every == 0 or step == steps - 1):
-                log(f"step {step}/{steps}: progress {p:.3f}, loss {value.item():.5f}")
-    finally:
-        student.eval()
-        for norm in norms:
-            norm.batch_statistics = True
-    history.seconds = time.perf_counter() - start
-    return history
-
-
-def _as_call(batch: Any) -> tuple[tuple, dict]:
-    if isinstance(batch, dict):
-        return (), batch
-    return _normalize_args(batch), {}
+        schedule = linear_ramp(steps, steps // 10 if hold_steps is None else hold_steps)
+    if resume and checkpoint is None:
+        raise ValueError("resume needs a checkpoint file")
+    config = DistillConfig(
+        steps=steps,
+        lr=lr,
+        loss=loss,
+        match=match,
+        calibration_batches=calibration_batches,
+        seed=seed,
+        max_seconds=max_seconds,
+        checkpoint=None if checkpoint is None else os.fspath(checkpoint),
+        checkpoint_every=checkpoint_every,
+        log_every=log_every,
+        progress_bar=progress_bar,
+    )
+    engine = Distiller(student, teacher, batches, config, hooks=_PRepBNHooks(student, schedule, batch_statistics), log=log)
+    if resume and os.path.exists(checkpoint):
+        engine.load_checkpoint(checkpoint)
+    return engine.run()
 
 
 # ----------------------------------------------------------------------------- finalize
-
-
-class FoldRepBN(Pass):
-    """Replace every PRepBN at γ = 0 (eval mode) by its affine map, folded into a linear where possible; exact."""
-
-    name = "fold_repbn"
-    exact = True
-
-    def applicable(self, gm: GraphModule) -> tuple[bool, str]:
-        found = bool(prepbn_nodes(gm))
-        return found, "" if found else "no PRepBN in the graph"
-
-    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
-        stats = {"folded_into_next": 0, "folded_into_previous": 0, "kept_as_scale_shift": 0}
-        kept: list[str] = []
-        for node in prepbn_nodes(gm):
-            module = gm.get_submodule(node.target)
-            args = dict(zip(ARGUMENTS, node.args))
-            tensors = [ir.get_tensor(gm, args[role]) for role in ("bn_weight", "bn_bias", "running_mean", "running_var", "eta")]
-            scale, shift = repbn_scale_shift(*tensors, eps=module.bn_eps)
-            x = args["input"]
-            if _reads_only_as_linear_input(node):
-                for linear in list(node.users):
-                    fold_affine_before(gm, linear, scale, shift)
-                stats["folded_into_next"] += 1
-            elif ir.is_op(x, ir.aten.linear) and len(x.users) == 1 and _constant_linear(x):
-                fold_affine_after(gm, x, scale, shift)
-                stats["folded_into_previous"] += 1
-            else:
-                kept.append(f"{module.source or node.name} ({_why_not_folded(node, x)})")
-                dtype = ir.val_of(x).dtype
-                scale_node = ir.add_constant(gm, scale.to(dtype), f"{node.target}_scale", before=node)
-                shift_node = ir.add_constant(gm, shift.to(dtype), f"{node.target}_shift", before=node)
-                with gm.graph.inserting_before(node):
-                    scaled = gm.graph.call_function(ir.aten.mul.Tensor, (x, scale_node))
-                    affine = gm.graph.call_function(ir.aten.add.Tensor, (scaled, shift_node))
-                scaled.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
-                affine.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
-                ir.replace_node(node, affine)
-                stats["kept_as_scale_shift"] += 1
-                continue
-            node.replace_all_uses_with(x)
-            gm.graph.erase_node(node)
-        message = "kept as x*scale+shift, no adjacent linear to fold into: " + ", ".join(kept) if kept else ""
-        return PassResult(changed=True, stats=stats, message=message)
-
-
-def _constant_linear(linear: Node) -> bool:
-    args = ir.normalized_args(linear)
-    return all(isinstance(v, Node) and v.op == "get_attr" for v in (args["weight"], args["bias"]) if v is not None)
-
-
-def _reads_only_as_linear_input(node: Node) -> bool:
-    return bool(node.users) and all(ir.is_op(u, ir.aten.linear) and u.args[0] is node and node not in u.args[1:] and _constant_linear(u) for u in node.users)
-
-
-def _why_not_folded(node: Node, x: Node) -> str:
-    """Why neither fold applies, in brief: which reader is not a linear, and what the input is."""
-    others = sorted(u.name for u in node.users if not ir.is_op(u, ir.aten.linear))
-    after = f"read by {', '.join(others)}" if others else "a reader's weights are not constants"
-    if not ir.is_op(x, ir.aten.linear):
-        before = f"input {x.name} is {ir.op_name(x.target) if x.op == 'call_function' else 'a ' + x.op}"
-    else:
-        before = f"input {x.name} is also read by {', '.join(sorted(u.name for u in x.users if u is not node))}"
-    return f"{after}; {before}"
 
 
 def finalize(model: RepBNModel) -> OptimizedModule:

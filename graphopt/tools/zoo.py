@@ -60,6 +60,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.export import Dim
 
+# The pipeline's row cosine, under the name the embedding comparisons have always used here.
+from graphopt.pipeline.verify import row_cosines as cosine_similarity_rows
+
 __all__ = [
     "MODELS",
     "PreLNEncoder",
@@ -607,13 +610,6 @@ def tokenize(tokenizer, sentences: list[str], *, max_length: int = 128, pad_to: 
         input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.int64)
         attention_mask[i, : len(row)] = 1
     return input_ids, attention_mask
-
-
-def cosine_similarity_rows(a: Tensor, b: Tensor) -> Tensor:
-    """Cosine similarity between matching rows of two ``[N, D]`` matrices (float64 ``[N]``)."""
-    if a.shape != b.shape or a.dim() != 2:
-        raise ValueError(f"expected two [N, D] matrices of equal shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-    return F.cosine_similarity(a.detach().double(), b.detach().double(), dim=1)
 
 
 def _nearest_neighbours(x: Tensor) -> Tensor:

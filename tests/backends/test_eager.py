@@ -6,6 +6,7 @@ import graphopt
 from graphopt import ir
 from graphopt.tools import zoo
 from graphopt.ops.norms import EAGER_FAST_PATHS
+from graphopt.testing import assert_close
 
 
 def test_eager_backend_calls_norm_kernels_directly_and_matches():
@@ -19,7 +20,7 @@ def test_eager_backend_calls_norm_kernels_directly_and_matches():
     assert torch.ops.graphopt.rms_norm.default not in targets
     assert targets.count(EAGER_FAST_PATHS[torch.ops.graphopt.rms_norm.default]) == 5
     with torch.no_grad():
-        torch.testing.assert_close(opt(*entry.example_inputs), opt.graph_module(*entry.example_inputs))
+        assert_close(opt(*entry.example_inputs), opt.graph_module(*entry.example_inputs))
     assert "eager vs graph" in opt.report.final
 
 
@@ -33,4 +34,4 @@ def test_eager_backend_leaves_graphs_without_graphopt_ops_alone(tiny_mlp):
 def test_direct_path_falls_back_to_the_op_when_autograd_records():
     x = torch.randn(3, 8, requires_grad=True)
     direct = EAGER_FAST_PATHS[torch.ops.graphopt.rms_norm.default]
-    torch.testing.assert_close(direct(x, None, None, 1e-6), torch.ops.graphopt.rms_norm(x, None, None, 1e-6))
+    assert_close(direct(x, None, None, 1e-6), torch.ops.graphopt.rms_norm(x, None, None, 1e-6))

@@ -11,6 +11,7 @@ from graphopt.tools import zoo
 from graphopt.backends import partition as P
 from graphopt.frontends.capture import capture
 from graphopt.ir import aten, op_nodes
+from graphopt.testing import assert_close
 
 
 def _capture(fn, *shapes):
@@ -29,7 +30,7 @@ def _assert_same_outputs(gm, fused, inputs):
     expected, got = tree_leaves(gm(*inputs)), tree_leaves(fused(*inputs))
     assert len(expected) == len(got)
     for e, g in zip(expected, got):
-        torch.testing.assert_close(g, e, rtol=0, atol=0)
+        assert_close(g, e, rtol=0, atol=0)
 
 
 def _region_names(regions):

@@ -15,14 +15,14 @@ from torch.fx import Graph, GraphModule, Interpreter
 
 import graphopt
 from graphopt.tools import zoo
-from graphopt.backends import triton_attention
-from graphopt.backends.triton_attention import attention_inputs, attention_region, attention_source, compile_attention_region
+from graphopt.backends.triton_attention import attention_inputs, attention_region, attention_region_source, compile_attention_region
 from graphopt.backends.triton_codegen import NotLowerable
+from graphopt.ops.flash_attention import triton as flash
 from graphopt.ir import aten, op_nodes
+from graphopt.testing import assert_close
 from tests_helpers import Fn
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-TOLERANCES = {torch.float32: (1e-4, 1e-5), torch.float16: (2e-3, 1e-3), torch.bfloat16: (1.6e-2, 1e-2)}  # (rtol, atol)
 SDPA = aten.scaled_dot_product_attention.default
 
 
@@ -56,8 +56,7 @@ def run_attention(interpreted_call):
 def assert_matches(gm, inputs, out):
     expected = reference(gm, inputs)
     assert out.dtype == expected.dtype and out.shape == expected.shape
-    rtol, atol = TOLERANCES[expected.dtype]
-    torch.testing.assert_close(out, expected, rtol=rtol, atol=atol)
+    assert_close(out, expected)
 
 
 # --- cases ------------------------------------------------------------------------------------
@@ -158,7 +157,7 @@ def test_fully_masked_rows_are_zeros_as_in_aten(outputs):
 def test_regions_of_captured_graphs(outputs, name):
     gm, inputs, in_model = MODEL_REGIONS[name]
     assert_matches(gm, inputs, outputs[name])
-    torch.testing.assert_close(outputs[name], in_model, rtol=1e-4, atol=1e-5)
+    assert_close(outputs[name], in_model)
 
 
 def test_attention_region_holds_the_call_alone():
@@ -211,22 +210,48 @@ def test_random_shapes_match_aten(run_attention, cases):
 # --- generation and refusals (no kernel runs) -------------------------------------------------
 
 
-def test_source_holds_only_the_variants_lines():
-    plain, causal, bool_mask, additive = (attention_source(c, m) for c, m in ((False, None), (True, None), (False, "bool"), (False, "additive")))
-    for source in (plain, causal, bool_mask, additive):
-        assert source.count("@triton.jit") == 1 and source.count("tl.store(") == 1 and source.count("tl.dot(") == 2
-        assert 'input_precision="ieee"' in source
-    assert "tl.minimum(start_m + BLOCK_M, Lk)" in causal and "cols[None, :] <= rows[:, None]" in causal
-    assert "<= rows" not in plain and "key_end = Lk" in plain and "mask_ptrs" not in plain
-    assert "!= 0)" in bool_mask and "s +=" not in bool_mask
-    assert "s += tl.load(mask_ptrs" in additive and "!= 0)" not in additive
-    assert 'input_precision="tf32"' in attention_source(False, None, "tf32")
+def test_variants_are_constexpr_switches_of_one_kernel():
+    """One static kernel: the variants are its ``tl.constexpr`` arguments, not generated lines."""
+    source = flash.kernel_source()
+    assert source.count("@triton.jit") == 1 and source.count("tl.store(") == 1 and source.count("tl.dot(") == 2
+    assert source.count("input_precision=INPUT_PRECISION") == 2
+    for switch in ("CAUSAL", "MASK_KIND", "VARLEN", "INPUT_PRECISION"):
+        assert f"{switch}: tl.constexpr" in source
+    assert "tl.minimum(start_m + BLOCK_M, Lk)" in source and "cols[None, :] <= rows[:, None]" in source
+    assert 'if MASK_KIND == "bool":' in source and 'if MASK_KIND == "additive":' in source and "s += tl.load(mask_ptrs" in source
+    shown = attention_region_source(region(is_causal=True))
+    assert "CAUSAL=True, MASK_KIND='none'" in shown and shown.endswith(source)
 
 
-def test_kernels_are_loaded_once_per_variant():
-    load = triton_attention._load_attention_kernel
-    assert load(True, None, "ieee") is load(True, None, "ieee")
-    assert load(True, None, "ieee") is not load(False, None, "ieee")
+def _recorded_launch(monkeypatch, gm, inputs):
+    """The kernel constexprs ``compile_attention_region(gm)(*inputs)`` launches with (nothing runs)."""
+    launches = []
+    monkeypatch.setattr(flash, "interpreted", lambda: True)
+    monkeypatch.setattr(flash, "_launch", lambda rows, pairs, *args, **constexprs: launches.append(constexprs))
+    compile_attention_region(gm)(*inputs)
+    (constexprs,) = launches
+    return constexprs
+
+
+@pytest.mark.parametrize(
+    ("gm", "mask", "dtype", "expected"),
+    [
+        (region(), None, torch.float32, (False, "none", "ieee")),
+        (region(is_causal=True), None, torch.float32, (True, "none", "ieee")),
+        (region(mask=True), torch.bool, torch.float16, (False, "bool", "tf32")),
+        (region(mask=True), torch.bfloat16, torch.bfloat16, (False, "additive", "tf32")),
+    ],
+)
+def test_launch_picks_the_variant(monkeypatch, gm, mask, dtype, expected):
+    inputs = [torch.randn(1, 2, 5, 8, dtype=dtype)] * 3 + ([torch.ones(5, 5, dtype=mask)] if mask else [])
+    constexprs = _recorded_launch(monkeypatch, gm, inputs)
+    assert (constexprs["CAUSAL"], constexprs["MASK_KIND"], constexprs["INPUT_PRECISION"]) == expected and constexprs["VARLEN"] is False
+    assert constexprs["BLOCK_D"] == 16 and constexprs["BLOCK_DV"] == 16
+
+
+def test_autotuner_is_built_once_and_tunes_each_variant_apart():
+    assert flash.autotuned_kernel() is flash.autotuned_kernel()
+    assert {"CAUSAL", "MASK_KIND", "VARLEN", "INPUT_PRECISION"} <= set(flash.autotuned_kernel().keys)
 
 
 @pytest.mark.parametrize(
@@ -261,6 +286,6 @@ def test_region_of_other_ops_is_refused():
     ],
 )
 def test_unsupported_inputs_are_refused_before_launching(monkeypatch, gm, inputs, message):
-    monkeypatch.setattr(triton_attention, "interpreted", lambda: False)
+    monkeypatch.setattr(flash, "interpreted", lambda: False)
     with pytest.raises(NotLowerable, match=message):
         compile_attention_region(gm)(*inputs)

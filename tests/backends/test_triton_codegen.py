@@ -19,9 +19,9 @@ from aten_programs import build, reference
 from graphopt.backends import triton_codegen
 from graphopt.backends.triton_codegen import NotLowerable, compile_region, region_source
 from graphopt.ir import count_ops
+from graphopt.testing import assert_close
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-TOLERANCES = {torch.float32: (1e-4, 1e-5), torch.float16: (2e-3, 1e-3), torch.bfloat16: (1.6e-2, 1e-2)}  # (rtol, atol)
 
 
 _RUN_REGIONS = """
@@ -49,8 +49,7 @@ def assert_matches(program, inputs, outputs, contiguous=True):
     assert len(outputs) == len(expected)
     for out, ref in zip(outputs, expected):
         assert out.dtype == ref.dtype and out.shape == ref.shape and (out.is_contiguous() or not contiguous)
-        rtol, atol = TOLERANCES.get(ref.dtype, (0, 0))
-        torch.testing.assert_close(out, ref, rtol=rtol, atol=atol, equal_nan=True)
+        assert_close(out, ref, equal_nan=True)
 
 
 # --- one case per lowering rule, dtype and layout ---------------------------------------------

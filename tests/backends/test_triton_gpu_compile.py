@@ -8,8 +8,9 @@ the ``ptxas`` that Triton's wheel bundles) for an H100 (``sm_90``) and an A100 (
 ``triton.compile(ASTSource(...), target=GPUTarget(...))``: nothing needs a GPU before a kernel is loaded.
 
 No signature is written by hand. Each template's launcher is called on CPU tensors with its
-``load_kernel`` replaced by a recorder, which keeps the ``@triton.jit`` function the autotuner
-would wrap, the GPU configs the template declares and the exact arguments of the launch. Triton's
+``load_kernel`` (or its static kernel) replaced by a recorder, which keeps the ``@triton.jit``
+function the autotuner would wrap, the GPU configs the template declares and the exact arguments
+of the launch. Triton's
 own binder (the one ``JITFunction.run`` calls at every launch) turns those into the signature
 (``*fp16``, ``i32``, ...), the constexprs (the template's, and the integers equal to 1 that Triton
 specializes) and the divisibility attributes; so each kernel compiles as a GPU launch with those
@@ -26,8 +27,9 @@ compiles for real (about 30 of this module's 40 s on two CPU cores).
 The kernels: every distinct region kernel ``plan`` lowers in ``preln-tiny`` and ``gpt2-tiny``
 (after ``canonicalize`` and ``layernorm_to_rmsnorm``), a matmul epilogue in fp32 (IEEE and TF32),
 fp16 and bf16, row kernels (a layer norm at the longest row the template takes, a masked softmax,
-an RMSNorm after a residual add), attention in every mask variant at both precisions (``ieee``
-for fp32, ``tf32`` for fp16/bf16), the varlen attention kernel and ``triton_norm``'s two kernels.
+an RMSNorm after a residual add), the static flash-attention kernel in every mask variant at both
+precisions (``ieee`` for fp32, ``tf32`` for fp16/bf16) and in its varlen variant, and
+``triton_norm``'s two kernels.
 The interpreter must be off in this process (it replaces ``@triton.jit`` functions); the module
 skips otherwise.
 """
@@ -61,7 +63,8 @@ from triton.runtime.jit import JITFunction, create_function_from_signature  # no
 
 from graphopt.tools import zoo  # noqa: E402
 from graphopt.frontends.api import optimize  # noqa: E402
-from graphopt.backends import triton_attention, triton_codegen, triton_matmul, triton_rowwise, triton_varlen_attention  # noqa: E402
+from graphopt.backends import triton_attention, triton_codegen, triton_matmul, triton_rowwise  # noqa: E402
+from graphopt.ops.flash_attention import triton as flash  # noqa: E402
 from graphopt.ops.norms import triton as triton_norm  # noqa: E402
 from graphopt.backends.triton_backend import plan  # noqa: E402
 from graphopt.frontends.capture import capture  # noqa: E402
@@ -129,9 +132,10 @@ class _Recorder:
 def recording() -> Iterator[Recording]:
     """Launches made inside the block are recorded, not run.
 
-    The attention launchers refuse CPU tensors unless the interpreter is on: they are told it is,
-    which changes nothing else in their launch but the interpreter's fixed block sizes, and those
-    are replaced by the GPU configs at compile time.
+    The flash-attention launchers refuse CPU tensors unless the interpreter is on: they are told it
+    is, which changes nothing else in their launch but the interpreter's fixed block sizes, and
+    those are replaced by the GPU configs at compile time. Their static kernel is recorded with the
+    configs of its autotuner.
     """
     record = Recording()
     load_autotuned = triton_codegen.load_kernel
@@ -141,10 +145,10 @@ def recording() -> Iterator[Recording]:
         return _Recorder(tuner.fn, list(tuner.configs), record)
 
     with pytest.MonkeyPatch.context() as patch:
-        for module in (triton_codegen, triton_rowwise, triton_matmul, triton_attention, triton_varlen_attention):
-            patch.setattr(module, "load_kernel", load_kernel)
-        for module in (triton_attention, triton_varlen_attention):
-            patch.setattr(module, "interpreted", lambda: True)
+        patch.setattr(triton_codegen, "load_kernel", load_kernel)  # every template loads through it
+        patch.setattr(flash, "interpreted", lambda: True)
+        tuner = flash.autotuned_kernel()
+        patch.setattr(flash, "attention_fwd_kernel", _Recorder(tuner.fn, list(tuner.configs), record))
         for kernel in ("_rms_norm_kernel", "_crms_norm_kernel"):
             patch.setattr(triton_norm, kernel, _Recorder(getattr(triton_norm, kernel), None, record))
         yield record
@@ -354,7 +358,7 @@ def varlen_launches() -> list[Launch]:
     with recording() as record:
         for dtype in DTYPES:
             record.label = f"varlen/{dtype}"
-            triton_varlen_attention.varlen_attention(*qkv.to(DTYPES[dtype]).unbind(1), cu_seqlens)
+            flash.flash_attention_varlen(*qkv.to(DTYPES[dtype]).unbind(1), cu_seqlens)
     return record.launches
 
 
@@ -473,9 +477,10 @@ def test_specialization_follows_the_launch():
 
 
 def test_attention_launches_cover_every_variant():
-    """The recorded attention kernels are the template's variants: mask kind, causality and precision."""
+    """The recorded attention kernels are the static kernel's variants: mask kind, causality and precision."""
     for label, launch in launches_of("attention").items():
         _, variant, dtype = label.split("/")
-        mask = variant if variant in ("bool", "additive") else None
-        source = triton_attention.attention_source(variant == "causal", mask, "ieee" if dtype == "fp32" else "tf32")
-        assert launch.fn.src == source.removeprefix("@triton.jit\n"), label
+        mask = variant if variant in ("bool", "additive") else "none"
+        variant_constexprs = {"CAUSAL": variant == "causal", "MASK_KIND": mask, "VARLEN": False, "INPUT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
+        assert launch.fn is flash.autotuned_kernel().fn, label
+        assert {name: launch.kwargs[name] for name in variant_constexprs} == variant_constexprs, label

@@ -28,9 +28,9 @@ from graphopt.backends.triton_codegen import NotLowerable
 from graphopt.backends.triton_matmul import compile_matmul_region, matmul_region_source
 from graphopt.frontends.capture import capture
 from graphopt.ir import aten, count_ops
+from graphopt.testing import assert_close
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-TOLERANCES = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1e-2)}  # (rtol, atol)
 
 
 def head(op: str, inputs: int, *extra, **kwargs) -> dict:
@@ -43,8 +43,7 @@ def assert_matches(region, inputs, outputs):
     assert len(outputs) == len(expected)
     for out, ref in zip(outputs, expected):
         assert out.dtype == ref.dtype and out.shape == ref.shape
-        rtol, atol = TOLERANCES[ref.dtype]
-        torch.testing.assert_close(out, ref, rtol=rtol, atol=atol)
+        assert_close(out, ref)
 
 
 # --- one case per head, layout and dtype ------------------------------------------------------

@@ -22,10 +22,10 @@ from graphopt.backends.triton_codegen import NotLowerable
 from graphopt.backends.triton_rowwise import compile_row_region, row_region_source
 from graphopt.frontends.capture import capture
 from graphopt.ir import propagate_shapes
+from graphopt.testing import assert_close
 
 aten = torch.ops.aten
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-TOLERANCES = {torch.float32: (1e-4, 1e-5), torch.float16: (2e-3, 1e-3), torch.bfloat16: (1.6e-2, 1e-2)}  # (rtol, atol)
 
 
 def traced(fn, inputs) -> GraphModule:
@@ -57,8 +57,7 @@ def assert_matches(region, inputs, outputs, expected=None):
     assert len(outputs) == len(expected)
     for out, ref in zip(outputs, expected):
         assert out.dtype == ref.dtype and out.shape == ref.shape and out.is_contiguous()
-        rtol, atol = TOLERANCES.get(ref.dtype, (0, 0))
-        torch.testing.assert_close(out, ref, rtol=rtol, atol=atol, equal_nan=True)
+        assert_close(out, ref, equal_nan=True)
 
 
 _RUN_REGIONS = """

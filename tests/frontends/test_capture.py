@@ -9,6 +9,7 @@ import torch
 import graphopt
 from graphopt import ir
 from graphopt.tools import zoo
+from graphopt.testing import assert_close
 
 SMALL = {"vit-s": {"image_size": 32, "num_hidden_layers": 2}}
 
@@ -54,9 +55,9 @@ def test_capture_every_zoo_model(name):
         out, ref = gm(*entry.example_inputs), model(*entry.example_inputs)
     key = "logits" if name in ("gpt2-tiny", "llama-tiny") else None
     if key:  # with the cache off, the decoder returns logits and no past_key_values
-        torch.testing.assert_close(out[key], ref[key])
+        assert_close(out[key], ref[key])
     else:
-        torch.testing.assert_close(out, ref)
+        assert_close(out, ref)
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), f"capture changed {k}"
 
@@ -65,7 +66,7 @@ def test_capture_every_zoo_model(name):
         with torch.no_grad():
             out2, ref2 = gm(*other), model(*other)
         first = (lambda o: o[key]) if key else (lambda o: torch.utils._pytree.tree_leaves(o)[0])
-        torch.testing.assert_close(first(out2), first(ref2))
+        assert_close(first(out2), first(ref2))
 
 
 def test_weights_are_copies_and_ties_survive():
@@ -101,7 +102,7 @@ def test_export_failure_falls_back_to_symbolic_trace(tiny_mlp):
     assert gm.meta["graphopt_capture"] == "torch.fx.symbolic_trace"
     assert ir.count_ops(gm)["aten.linear.default"] == 2
     assert all("val" in n.meta for n in gm.graph.nodes if n.op == "call_function")
-    torch.testing.assert_close(gm(*args), model(*args))
+    assert_close(gm(*args), model(*args))
 
 
 class DataDependent(torch.nn.Module):
@@ -149,4 +150,4 @@ def test_fallback_with_dynamic_shapes(tiny_mlp):
         warnings.simplefilter("ignore")
         gm = graphopt.capture(model, args, dynamic_shapes=({0: dim},))
     assert gm.meta["graphopt_capture"] == "torch.fx.symbolic_trace"
-    torch.testing.assert_close(gm(*args), model(*args))
+    assert_close(gm(*args), model(*args))

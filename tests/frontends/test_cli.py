@@ -15,6 +15,7 @@ import torch
 import graphopt
 from graphopt.tools import zoo
 from graphopt.frontends.dump import CREATED_COLOR, ERASED_COLOR
+from graphopt.testing import assert_close
 
 pytestmark = pytest.mark.filterwarnings("ignore:'setParseAction' deprecated")  # pydot's parser, reading DOT back
 
@@ -177,7 +178,7 @@ def test_optimize_save_then_load_the_archive(tmp_path):
     loaded = program.module()
     for images in (entry.example_inputs[0], torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))):
         with torch.no_grad():
-            torch.testing.assert_close(loaded(images), entry.model(images), rtol=1e-4, atol=1e-5)
+            assert_close(loaded(images), entry.model(images))
 
 
 ERRORS = [  # (arguments, exit status, what the one line says); {f} is the factory folder

@@ -10,8 +10,10 @@ import pytest
 import torch
 
 import graphopt
+from graphopt.backends import CompiledGraph
 from graphopt.frontends import dump as gdump
 from graphopt import ir
+from graphopt.testing import assert_close
 
 # pydot's DOT parser (used here to read the files back) trips pyparsing's deprecation warnings
 pytestmark = pytest.mark.filterwarnings("ignore:'setParseAction' deprecated")
@@ -255,9 +257,11 @@ def test_write_kernels_files_and_index_without_a_gpu(tmp_path):
     kinds = {n.target: n.meta["region_kind"] for n in runner.graph.nodes if n.op == "call_module"}
     assert kinds == {"fused_0": "pointwise", "fused_1": "matmul_epilogue"}
     runner.add_submodule("fused_0", FakeKernel(FAKE_SOURCE, runner.get_submodule("fused_0")))
-    runner.kernels, runner.left_to_aten = {"fused_0": FAKE_SOURCE}, {"fused_1": "no matmul template here"}
+    compiled = CompiledGraph(
+        runner, "triton", kernels={"fused_0": FAKE_SOURCE}, left_to_aten={"fused_1": "no matmul template here"}, regions=kinds, generates_code=True
+    )
 
-    rows = gdump.write_kernels(runner, tmp_path, (x,), model="gated")
+    rows = gdump.write_kernels(compiled, tmp_path, (x,), model="gated")
     assert rows == [
         ["fused_0", "pointwise", "sigmoid, mul, add", "Triton: [fused_0.py](fused_0.py)"],
         ["fused_1", "matmul_epilogue", "linear, gelu, add", "ATen: no matmul template here"],
@@ -282,7 +286,7 @@ def test_write_kernels_files_and_index_without_a_gpu(tmp_path):
     assert kernel_file.INPUTS == [gdump.TensorSpec(torch.float32, (4, 16), (1, 4))]
     inputs = kernel_file.example_inputs(device="cpu")
     assert inputs[0].stride() == (1, 4)
-    torch.testing.assert_close(kernel_file.aten_region(*inputs), runner.fused_0.region(*inputs), rtol=0, atol=0)
+    assert_close(kernel_file.aten_region(*inputs), runner.fused_0.region(*inputs), rtol=0, atol=0)
 
 
 def test_tensor_spec_makes_permuted_broadcast_and_integer_inputs():
@@ -298,15 +302,17 @@ def test_tensor_spec_makes_permuted_broadcast_and_integer_inputs():
 DUMP_INTERPRETED = r"""
 import importlib.util, json, re, sys, torch
 from graphopt.frontends import dump as gdump
+from graphopt.testing import assert_close
 sys.path.insert(0, sys.argv[2])
 from test_dump import Gated
 
 torch.manual_seed(0)
 model = Gated().eval()
 result = gdump.dump(model, [], (torch.randn(6, 16),), sys.argv[1], backend="triton", onnx=False, name="gated")
-runner = result.module._runner
+compiled = result.module.compiled
+runner = compiled.runner
 checked = {}
-for name in runner.kernels:
+for name in compiled.kernels:
     spec = importlib.util.spec_from_file_location(name, f"{sys.argv[1]}/kernels/{name}.py")
     kernel_file = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(kernel_file)
@@ -314,10 +320,10 @@ for name in runner.kernels:
     kernel = runner.get_submodule(name)
     with torch.no_grad():
         got, want = kernel(*inputs), kernel_file.aten_region(*inputs)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert_close(got, want)
     jitted = re.search(r"@triton.jit\ndef (\w+)\(", open(kernel_file.__file__).read()).group(1)
     checked[name] = {"fallback": kernel.fallback_reason, "module": type(kernel).__name__, "jit": type(getattr(kernel_file, jitted)).__name__}
-print(json.dumps({"kernels": sorted(runner.kernels), "checked": checked, "files": result.files}))
+print(json.dumps({"kernels": sorted(compiled.kernels), "checked": checked, "files": result.files}))
 """
 
 

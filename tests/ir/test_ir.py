@@ -10,6 +10,7 @@ from torch.export import Dim
 from torch.fx import Graph, GraphModule
 
 from graphopt import capture, ir
+from graphopt.testing import assert_close
 
 aten = ir.aten
 
@@ -159,7 +160,7 @@ def test_set_tensor_replaces_without_writing_into_the_old_tensor(block):
     gm.recompile()
     with torch.no_grad():
         h = F.linear(x, new, model.fc1.bias)
-        torch.testing.assert_close(gm(x), model.fc2(torch.relu(h)) + h)
+        assert_close(gm(x), model.fc2(torch.relu(h)) + h)
     with pytest.raises(ValueError, match="not a get_attr node"):
         ir.set_tensor(gm, ir.op_nodes(gm, aten.relu)[0], new)
 
@@ -195,8 +196,8 @@ def test_set_tensor_unties_an_attribute_read_by_two_get_attr_nodes():
     assert ir.get_tensor(gm, shared) is not new_head
     hidden, logits = gm(ids)
     with torch.no_grad():
-        torch.testing.assert_close(hidden, model.wte(ids))  # the embedding still sees the old value
-        torch.testing.assert_close(logits, model.wte(ids) @ new_head.T)
+        assert_close(hidden, model.wte(ids))  # the embedding still sees the old value
+        assert_close(logits, model.wte(ids) @ new_head.T)
 
 
 def test_add_constant_names_places_and_describes_the_new_node(block):
@@ -225,7 +226,7 @@ def test_replace_node_moves_uses_and_keeps_the_stack_trace(block):
     gm.recompile()
     with torch.no_grad():
         h = model.fc1(x)
-        torch.testing.assert_close(gm(x), model.fc2(F.gelu(h)) + h)
+        assert_close(gm(x), model.fc2(F.gelu(h)) + h)
 
 
 def test_replace_node_without_erasing(block):
@@ -260,7 +261,7 @@ def test_cleanup_removes_dead_nodes_and_unused_attributes(block):
     assert {name for name, _ in gm.named_parameters()} | {name for name, _ in gm.named_buffers()} == {"fc1.weight", "fc1.bias"}
     with torch.no_grad():
         h = model.fc1(x)
-        torch.testing.assert_close(gm(x), torch.relu(h) + h)  # recompiled
+        assert_close(gm(x), torch.relu(h) + h)  # recompiled
 
 
 def test_delete_unused_attributes_counts(block):

@@ -8,6 +8,7 @@ from torch import nn
 import graphopt
 from graphopt.ir import match
 from graphopt.ir import aten, op_nodes, val_of
+from graphopt.testing import assert_close
 
 
 class Fn(nn.Module):
@@ -148,7 +149,7 @@ def test_einsum_as_matmul(equation, swapped, left_t, right_t):
     left, right = (b, a) if swapped else (a, b)
     left = left.transpose(-2, -1) if left_t else left
     right = right.transpose(-2, -1) if right_t else right
-    torch.testing.assert_close(left @ right, torch.einsum(equation, a, b))
+    assert_close(left @ right, torch.einsum(equation, a, b))
 
 
 NOT_BATCHED_MATMULS = ["bhqd,hbkd->bhqk", "bhqd,bhkd->bhq", "bhqd,bhkd", "bhqq,bhqd->bhqd", "bhqd,bhkd,bhkd->bhqk"]

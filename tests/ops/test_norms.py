@@ -13,6 +13,7 @@ import graphopt
 from graphopt import ir
 from graphopt.ops import norms as ops
 from graphopt.ops.norms import crms_norm_reference, rms_norm_reference
+from graphopt.testing import assert_close
 
 
 class UsesRmsNorm(torch.nn.Module):
@@ -29,15 +30,15 @@ def test_reference_matches_formula():
     x = torch.randn(3, 5, 16)
     w, b = torch.rand(16), torch.randn(16)
     expected = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w + b
-    torch.testing.assert_close(torch.ops.graphopt.rms_norm(x, w, b, 1e-6), expected)
-    torch.testing.assert_close(torch.ops.graphopt.rms_norm(x, None, None, 1e-6), x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+    assert_close(torch.ops.graphopt.rms_norm(x, w, b, 1e-6), expected)
+    assert_close(torch.ops.graphopt.rms_norm(x, None, None, 1e-6), x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
 
 
 def test_half_precision_computes_in_float32():
     x = torch.randn(4, 64) * 300
     out = torch.ops.graphopt.rms_norm(x.to(torch.bfloat16), None, None, 1e-6)
     assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out.float(), torch.ops.graphopt.rms_norm(x.to(torch.bfloat16).float(), None, None, 1e-6), atol=1e-2, rtol=1e-2)
+    assert_close(out.float(), torch.ops.graphopt.rms_norm(x.to(torch.bfloat16).float(), None, None, 1e-6), atol=1e-2, rtol=1e-2)
 
 
 def test_custom_op_captures_propagates_dynamic_shapes_and_saves(tmp_path):
@@ -53,7 +54,7 @@ def test_custom_op_captures_propagates_dynamic_shapes_and_saves(tmp_path):
     graphopt.save(gm, str(path), (x,), dynamic_shapes=({0: dim, 1: dim},))
     loaded = graphopt.load(str(path))
     y = torch.randn(3, 4, 16)
-    torch.testing.assert_close(loaded(y), model(y))
+    assert_close(loaded(y), model(y))
 
 
 def test_crms_norm_equals_rms_norm_of_the_decompressed_vector():
@@ -61,13 +62,13 @@ def test_crms_norm_equals_rms_norm_of_the_decompressed_vector():
     v = v - v.mean(-1, keepdim=True)  # zero-mean: the last coordinate is minus the sum of the others
     full = torch.ops.graphopt.rms_norm(v, None, None, 1e-6)
     compressed = torch.ops.graphopt.crms_norm(v[..., :-1], 1e-6)
-    torch.testing.assert_close(compressed, full[..., :-1])
+    assert_close(compressed, full[..., :-1])
 
 
 def test_reference_computes_fp64_in_fp64():
     x = torch.randn(4, 33, dtype=torch.float64) + 1
     expected = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
-    torch.testing.assert_close(rms_norm_reference(x, None, None, 1e-6), expected, rtol=1e-14, atol=1e-14)
+    assert_close(rms_norm_reference(x, None, None, 1e-6), expected, rtol=1e-14, atol=1e-14)
 
 
 AFFINE = {"w+b": (True, True), "w": (True, False), "b": (False, True), "none": (False, False)}
@@ -94,18 +95,18 @@ def test_cpu_kernels_match_references(dtype, shape, affine):
         (ops.rms_norm_torch(x, w, b, 1e-6), ops.crms_norm_torch(x, 1e-6)),
     ]:
         assert out.dtype == dtype and out.shape == x.shape
-        torch.testing.assert_close(out, expected)
-        torch.testing.assert_close(crms, expected_crms)
+        assert_close(out, expected)
+        assert_close(crms, expected_crms)
 
 
 def test_cpu_kernels_handle_strided_and_mixed_dtype_inputs():
     x = torch.randn(7, 6).t()  # column stride 6
     w, b = torch.rand(7, dtype=torch.bfloat16) + 0.5, torch.randn(7, dtype=torch.float64)
-    torch.testing.assert_close(torch.ops.graphopt.rms_norm(x, w, b, 1e-6), rms_norm_reference(x, w, b, 1e-6))
-    torch.testing.assert_close(torch.ops.graphopt.crms_norm(x, 1e-6), crms_norm_reference(x, 1e-6))
+    assert_close(torch.ops.graphopt.rms_norm(x, w, b, 1e-6), rms_norm_reference(x, w, b, 1e-6))
+    assert_close(torch.ops.graphopt.crms_norm(x, 1e-6), crms_norm_reference(x, 1e-6))
     x = torch.randn(4, 16)
     w = torch.rand(32)[::2]  # a strided gain: not for the C kernel
-    torch.testing.assert_close(torch.ops.graphopt.rms_norm(x, w, None, 1e-6), rms_norm_reference(x, w, None, 1e-6))
+    assert_close(torch.ops.graphopt.rms_norm(x, w, None, 1e-6), rms_norm_reference(x, w, None, 1e-6))
 
 
 def _aten_ops_run(fn, *args):
@@ -149,7 +150,7 @@ def test_without_a_working_compiler_the_cpu_kernels_fall_back_to_aten(fresh_c_ke
     monkeypatch.setenv("CC", compiler)
     assert ops.c_kernels() is None
     x, w, b = _norm_inputs((3, 50, 130), torch.float32, "w+b")
-    torch.testing.assert_close(torch.ops.graphopt.rms_norm(x, w, b, 1e-6), rms_norm_reference(x, w, b, 1e-6))
+    assert_close(torch.ops.graphopt.rms_norm(x, w, b, 1e-6), rms_norm_reference(x, w, b, 1e-6))
     assert "aten::linalg_vector_norm" in _aten_ops_run(torch.ops.graphopt.crms_norm, x, 1e-6)
 
 
@@ -166,5 +167,5 @@ def test_inductor_fuses_the_ops_instead_of_calling_them():
     with torch.compiler.config.patch(force_disable_caches=True):  # a cached graph may predate the decompositions
         (rms, crms), code = run_and_get_code(torch.compile(residual_norms, backend="inductor"), h, a, w, b)
     assert "graphopt" not in "\n".join(code)  # no extern call to the custom ops
-    torch.testing.assert_close(rms, rms_norm_reference(h + a, w, b, 1e-6))
-    torch.testing.assert_close(crms, crms_norm_reference((h + a)[..., 1:], 1e-6))
+    assert_close(rms, rms_norm_reference(h + a, w, b, 1e-6))
+    assert_close(crms, crms_norm_reference((h + a)[..., 1:], 1e-6))

@@ -11,6 +11,7 @@ import torch
 
 from graphopt.ops import norms as ops
 from graphopt.ops.norms import crms_norm_reference, rms_norm_reference
+from graphopt.testing import assert_close
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LONG_ROW = 4096 + 5  # MAX_BLOCK_SIZE + 5: two blocks per sweep, the second ragged
@@ -53,12 +54,12 @@ def test_matches_reference(outputs, case):
     launcher, args = CASES[case]
     out, expected = outputs[case], REFERENCES[launcher](*args)
     assert out.dtype == expected.dtype and out.shape == expected.shape
-    torch.testing.assert_close(out, expected)
+    assert_close(out, expected)
 
 
 def test_half_precision_squares_are_accumulated_in_fp32(outputs):
     # 300² overflows fp16: computed in fp16 the norm would be inf and the output 0
-    torch.testing.assert_close(outputs["rms-fp16-squares-beyond-fp16-range"], torch.ones(2, 16, dtype=torch.float16))
+    assert_close(outputs["rms-fp16-squares-beyond-fp16-range"], torch.ones(2, 16, dtype=torch.float16))
 
 
 def test_cuda_kernels_route_supported_dtypes_to_triton(monkeypatch):
@@ -74,6 +75,6 @@ def test_cuda_kernels_route_supported_dtypes_to_triton(monkeypatch):
     monkeypatch.setattr(ops, "_triton_norm", lambda: launchers)
     for dtype in (torch.bfloat16, torch.float64):
         x, w, b = _x((3, 9), dtype), torch.rand(9, dtype=dtype), torch.randn(9, dtype=dtype)
-        torch.testing.assert_close(ops._rms_norm_cuda(x, w, b, 1e-6), rms_norm_reference(x, w, b, 1e-6))
-        torch.testing.assert_close(ops._crms_norm_cuda(x, 1e-6), crms_norm_reference(x, 1e-6))
+        assert_close(ops._rms_norm_cuda(x, w, b, 1e-6), rms_norm_reference(x, w, b, 1e-6))
+        assert_close(ops._crms_norm_cuda(x, 1e-6), crms_norm_reference(x, 1e-6))
     assert calls == [("rms", torch.bfloat16), ("crms", torch.bfloat16)]

@@ -11,6 +11,7 @@ from graphopt.tools import zoo
 from graphopt.pipeline.manager import PassManager, run_graph
 from graphopt.passes.fold_batchnorm import BATCH_NORM_OPS, FoldBatchNorm
 from graphopt.pipeline.report import APPLIED, NOT_APPLICABLE, UNCHANGED
+from graphopt.testing import assert_close
 
 
 def _randomise(model: nn.Module) -> nn.Module:
@@ -24,10 +25,6 @@ def _randomise(model: nn.Module) -> nn.Module:
                     m.weight.uniform_(0.5, 1.5)
                     m.bias.normal_(0.0, 0.2)
     return model.eval()
-
-
-def _rel_err(out, ref) -> float:
-    return ((out.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
 
 
 def _batch_norms(gm) -> list:
@@ -44,9 +41,9 @@ def _assert_folds(model, x, folded):
     assert record.status == APPLIED and record.stats == {"folded": folded, "left": 0}
     assert not _batch_norms(opt.graph_module)
     with torch.no_grad():
-        assert _rel_err(opt(x), model(x)) < 1e-5
+        assert_close(opt(x), model(x), max_rel_err=1e-5)
         other = torch.randn_like(x)
-        assert _rel_err(opt(other), model(other)) < 1e-5
+        assert_close(opt(other), model(other), max_rel_err=1e-5)
     return opt
 
 
@@ -107,7 +104,7 @@ def test_model_in_training_mode_is_captured_in_eval_mode_and_folded():
     assert opt.report.record("fold_batchnorm").stats == {"folded": 1, "left": 0}
     assert model.training  # capture restored the caller's mode
     with torch.no_grad():
-        assert _rel_err(opt(x), model.eval()(x)) < 1e-5
+        assert_close(opt(x), model.eval()(x), max_rel_err=1e-5)
 
 
 def test_shared_conv_weight_is_copied_not_changed():
@@ -144,9 +141,9 @@ def test_convnet_bn_folds_every_batchnorm(convnet):
     assert [ir.count_ops(gm)[op] for op in conv_ops] == [ir.count_ops(captured)[op] for op in conv_ops]
     assert sum(ir.count_ops(gm).values()) == sum(ir.count_ops(captured).values()) - 7
     with torch.no_grad():
-        assert _rel_err(opt(x), model(x)) < 1e-5
+        assert_close(opt(x), model(x), max_rel_err=1e-5)
         other = torch.randn(3, 3, 32, 32)
-        assert _rel_err(opt(other), model(other)) < 1e-5
+        assert_close(opt(other), model(other), max_rel_err=1e-5)
     assert all(torch.equal(v, weights_before[k]) for k, v in model.state_dict().items())
 
 
@@ -166,7 +163,7 @@ def test_convnet_bn_with_dynamic_batch(convnet):
     with torch.no_grad():
         for batch in (1, 5):
             other = torch.randn(batch, 3, 32, 32)
-            assert _rel_err(opt(other), model(other)) < 1e-5
+            assert_close(opt(other), model(other), max_rel_err=1e-5)
 
 
 # ----------------------------------------------------------------------------- not applicable / left alone
@@ -257,7 +254,7 @@ def test_folds_what_it_can_and_reports_the_rest():
     assert record.reason == "left 1 BatchNorm(s): batch_norm_1: it follows aten.relu.default, not a convolution or linear"
     assert len(_batch_norms(opt.graph_module)) == 1
     with torch.no_grad():
-        assert _rel_err(opt(x), model(x)) < 1e-5
+        assert_close(opt(x), model(x), max_rel_err=1e-5)
 
 
 def test_unchanged_record_through_the_manager():

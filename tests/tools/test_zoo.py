@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from graphopt.tools import zoo
+from graphopt.testing import assert_close
 
 # vit-s at full size is slow to export; tests use a small variant unless stated.
 SMALL_OVERRIDES = {"vit-s": {"image_size": 64, "num_hidden_layers": 2}}
@@ -97,7 +98,7 @@ def test_deterministic_and_seed_dependent(name):
 def test_exports_with_dynamic_shapes(name):
     entry = _load(name)
     exported = torch.export.export(entry.model, entry.example_inputs, dynamic_shapes=entry.dynamic_shapes, strict=False)
-    torch.testing.assert_close(_primary(exported.module()(*entry.example_inputs)), _run(entry))
+    assert_close(_primary(exported.module()(*entry.example_inputs)), _run(entry))
     if entry.dynamic_shapes is None:
         return
     # Re-run the exported program at a different batch (and sequence) size.
@@ -108,7 +109,7 @@ def test_exports_with_dynamic_shapes(name):
         inputs = (ids[:, :9].repeat(3, 1), mask[:, :9].repeat(3, 1))
     with torch.no_grad():
         expected = _primary(entry.model(*inputs))
-    torch.testing.assert_close(_primary(exported.module()(*inputs)), expected, rtol=1e-4, atol=1e-4)
+    assert_close(_primary(exported.module()(*inputs)), expected)
 
 
 def test_vit_s_full_size_forward():
@@ -131,7 +132,7 @@ def test_minilm_attn_implementation_switches_graph():
     assert "aten.softmax.int" not in default_ops
     assert "aten.scaled_dot_product_attention.default" not in eager_ops
     assert {"aten.softmax.int", "aten.matmul.default"} <= eager_ops
-    torch.testing.assert_close(_run(eager), _run(default), rtol=1e-4, atol=1e-5)
+    assert_close(_run(eager), _run(default))
 
 
 @pytest.mark.parametrize("name", HF_MODELS)
@@ -140,7 +141,7 @@ def test_attn_implementation_override(name):
     hf_model = {"minilm": lambda m: m.bert}.get(name, lambda m: m)
     assert hf_model(default.model).config._attn_implementation == "sdpa"
     assert hf_model(eager.model).config._attn_implementation == "eager"
-    torch.testing.assert_close(_run(eager), _run(default), rtol=1e-4, atol=1e-4)
+    assert_close(_run(eager), _run(default))
 
 
 def test_preln_tiny_uses_explicit_attention_and_masks_padding():
@@ -154,7 +155,7 @@ def test_preln_tiny_uses_explicit_attention_and_masks_padding():
     with torch.no_grad():
         a, b = entry.model(ids, mask), entry.model(changed, mask)
     keep = mask.bool()
-    torch.testing.assert_close(a[keep], b[keep])
+    assert_close(a[keep], b[keep])
     assert a.shape == (*ids.shape, 64)
 
 
@@ -187,7 +188,7 @@ def test_minilm_shapes_and_normalisation():
     assert (mask == 0).any(), "example sentences should need padding"
     out = _run(entry)
     assert out.shape == (8, 384)
-    torch.testing.assert_close(out.norm(dim=1), torch.ones(8))
+    assert_close(out.norm(dim=1), torch.ones(8))
 
 
 @pytest.mark.skipif(not HAS_SENTENCE_TRANSFORMERS, reason="sentence_transformers not installed")
@@ -242,8 +243,8 @@ def test_tokenize_padding():
 
 def test_embedding_comparisons():
     a = torch.nn.functional.normalize(torch.randn(16, 8, generator=torch.Generator().manual_seed(0)), dim=1)
-    torch.testing.assert_close(zoo.cosine_similarity_rows(a, 3 * a), torch.ones(16, dtype=torch.float64))
-    torch.testing.assert_close(zoo.cosine_similarity_rows(a, -a), -torch.ones(16, dtype=torch.float64))
+    assert_close(zoo.cosine_similarity_rows(a, 3 * a), torch.ones(16, dtype=torch.float64))
+    assert_close(zoo.cosine_similarity_rows(a, -a), -torch.ones(16, dtype=torch.float64))
     assert zoo.nearest_neighbour_agreement(a, 2 * a) == 1.0
     # Swapping rows 0 and 1 changes who is whose neighbour.
     swapped = a.clone()

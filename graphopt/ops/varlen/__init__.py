@@ -1,4 +1,4 @@
-"""Custom ops for padding-free execution of variable-length batches (ByteTransformer).
+"""Custom ops for padding-free execution of variable-length batches (ByteTransformer): ops and records.
 
 ByteTransformer (Zhai et al., "ByteTransformer: A High-Performance Transformer Boosted for
 Variable-Length Inputs", IPDPS 2023) packs the valid tokens of a padded batch into one
@@ -15,7 +15,8 @@ building blocks of the ``remove_padding`` pass:
 
 ``T`` is data-dependent: the fake implementations give it as an unbacked symbolic size
 (``new_dynamic_size``), so graphs holding these ops export, propagate shapes and save with
-``torch.export``. Import this module before loading a saved graph that uses them.
+``torch.export``. Import this package (any ``import graphopt`` does) before loading a saved graph
+that uses them.
 
 In an ATen graph, the pass computes the offsets of :func:`cu_seqlens` from the ``[B, S]`` mask as
 
@@ -26,14 +27,10 @@ In an ATen graph, the pass computes the offsets of :func:`cu_seqlens` from the `
 
 which is what :func:`cu_seqlens` captures to.
 
-CPU (and any device) implementation of ``varlen_attention``: sequences are sorted by length and
-grouped into buckets; each bucket is gathered into a ``[n, H, L, D]`` batch padded only to its own
-longest sequence and run through ``scaled_dot_product_attention`` with a key-padding mask, and
-the valid rows are scattered back. Bucket boundaries trade padded work against the fixed cost of
-one more bucket (see :func:`_length_buckets`). A batch without padding is one SDPA call on a view,
-with no gather. Explicit matmul-softmax-matmul is no faster than SDPA's CPU flash kernel even on
-short buckets, and torch's nested-tensor SDPA runs ~30x slower than padded SDPA on CPU: neither is
-used.
+The folder: ``reference.py`` (the definitions, with :func:`cu_seqlens`), ``cpu.py`` (bucketed SDPA,
+the attention on every device without a kernel of its own), this module (the ops, their FLOP
+rules and records, and the CUDA kernel of ``varlen_attention``). None of the three is token-wise
+in ``remove_padding``'s sense: the pass itself places them.
 """
 
 from __future__ import annotations
@@ -41,23 +38,16 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+from torch.fx import Node
 
-__all__ = ["cu_seqlens", "pack_tokens", "unpack_tokens", "varlen_attention"]
+from graphopt.ir import normalized_args, shape_of
+from graphopt.ir.flops import example_value, size
+from graphopt.ir.oprecord import OpRecord, register_op
+from graphopt.ops.varlen.cpu import _length_buckets, varlen_attention_bucketed  # noqa: F401  (_length_buckets: checked by the tests)
+from graphopt.ops.varlen.reference import cu_seqlens, pack_tokens_reference, unpack_tokens_reference, varlen_attention_reference
 
-# Fixed cost of one more bucket (gather, mask, SDPA call, scatter), in multiply-adds of attention
-# (one query-key pair times heads times head dims); ~25 us on CPU, tuned on real sentence lengths.
-_BUCKET_OVERHEAD = 500_000
-
-
-def cu_seqlens(mask: Tensor) -> Tensor:
-    """Cumulative sequence offsets ``[0, len_0, len_0 + len_1, ...]`` (int64 ``[B + 1]``) of a ``[B, S]`` mask.
-
-    ``mask`` is bool or integer, nonzero at valid tokens; sequence ``b``'s packed tokens are rows
-    ``cu[b]:cu[b + 1]`` of :func:`pack_tokens`'s output.
-    """
-    return F.pad(mask.ne(0).sum(1, dtype=torch.int64).cumsum(0), (1, 0))
+__all__ = ["cu_seqlens", "pack_tokens", "unpack_tokens", "varlen_attention", "varlen_attention_reference"]
 
 
 @torch.library.custom_op("graphopt::pack_tokens", mutates_args=())
@@ -66,10 +56,9 @@ def pack_tokens(x: Tensor, mask: Tensor) -> Tensor:
 
     ``mask`` ``[B, S]`` is bool or integer, nonzero at valid tokens; ``T`` is their number.
     """
-    return x[mask.ne(0)]
+    return pack_tokens_reference(x, mask)
 
 
-@pack_tokens.register_fake
 def _pack_tokens_fake(x, mask):
     total_tokens = torch.library.get_ctx().new_dynamic_size()
     return x.new_empty((total_tokens, *x.shape[2:]))
@@ -78,57 +67,11 @@ def _pack_tokens_fake(x, mask):
 @torch.library.custom_op("graphopt::unpack_tokens", mutates_args=())
 def unpack_tokens(packed: Tensor, mask: Tensor) -> Tensor:
     """The inverse of :func:`pack_tokens`: ``[T, *rest] -> [B, S, *rest]``, zeros at pad positions."""
-    out = packed.new_zeros((*mask.shape, *packed.shape[1:]))
-    out[mask.ne(0)] = packed
-    return out
+    return unpack_tokens_reference(packed, mask)
 
 
-@unpack_tokens.register_fake
 def _unpack_tokens_fake(packed, mask):
     return packed.new_empty((*mask.shape, *packed.shape[1:]))
-
-
-def _length_buckets(lengths: list[int], work_per_pair: int) -> list[list[int]]:
-    """Sequence indices grouped into buckets of similar length, longest first.
-
-    Walking the sequences from longest to shortest, a sequence joins the current bucket (padded
-    to the bucket's first, longest length) unless the padded work the bucket has accumulated,
-    ``sum((L_max² - L²) * work_per_pair)``, would exceed the cost of one more bucket. So equal
-    lengths always share a bucket and the total padded work is bounded by the buckets' overhead.
-    """
-    order = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: -lengths[i])
-    buckets: list[list[int]] = []
-    padded_work = 0
-    for i in order:
-        if buckets:
-            longest = lengths[buckets[-1][0]]
-            extra = (longest * longest - lengths[i] * lengths[i]) * work_per_pair
-            if padded_work + extra <= _BUCKET_OVERHEAD:
-                buckets[-1].append(i)
-                padded_work += extra
-                continue
-        buckets.append([i])
-        padded_work = 0
-    return buckets
-
-
-def _bucket_attention(q: Tensor, k: Tensor, v: Tensor, starts: list[int], lengths: list[int], scale: float | None) -> tuple[Tensor, Tensor]:
-    """SDPA over sequences gathered into one padded batch: (output rows ``[N, H, Dv]``, their packed indices ``[N]``)."""
-    positions = torch.arange(max(lengths), device=q.device)
-    starts_t, lengths_t = (torch.tensor(values, device=q.device)[:, None] for values in (starts, lengths))
-    valid = positions < lengths_t  # [n, L]
-    # pad positions repeat the sequence's last token: a valid (finite) query whose row is dropped
-    rows = starts_t + torch.minimum(positions, lengths_t - 1)
-    flat_rows = rows.flatten()
-
-    def gather(t: Tensor) -> Tensor:
-        return t.index_select(0, flat_rows).unflatten(0, rows.shape).transpose(1, 2)
-
-    key_mask = None if min(lengths) == max(lengths) else valid[:, None, None, :]
-    out = F.scaled_dot_product_attention(gather(q), gather(k), gather(v), attn_mask=key_mask, scale=scale)
-    out = out.transpose(1, 2).flatten(0, 1)  # [n * L, H, Dv]
-    kept = valid.flatten()
-    return out[kept], flat_rows[kept]
 
 
 @torch.library.custom_op("graphopt::varlen_attention", mutates_args=())
@@ -142,45 +85,61 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, scale:
     ``scaled_dot_product_attention`` in the inputs' dtype, as SDPA on each sequence alone would.
     Empty sequences are allowed.
     """
-    total_tokens, heads, head_dim = q.shape
-    lengths = cu_seqlens.diff().tolist()
-    out = q.new_empty((total_tokens, heads, v.shape[-1]))
-    if total_tokens == 0:
-        return out
-    if len(set(lengths)) == 1:  # no padding: the packed rows are already a [B, L] batch
-        as_batch = [t.unflatten(0, (len(lengths), lengths[0])).transpose(1, 2) for t in (q, k, v)]
-        out.copy_(F.scaled_dot_product_attention(*as_batch, scale=scale).transpose(1, 2).flatten(0, 1))
-        return out
-    starts = cu_seqlens[:-1].tolist()
-    for bucket in _length_buckets(lengths, heads * (head_dim + v.shape[-1])):
-        rows_out, rows = _bucket_attention(q, k, v, [starts[i] for i in bucket], [lengths[i] for i in bucket], scale)
-        out.index_copy_(0, rows, rows_out)
-    return out
+    return varlen_attention_bucketed(q, k, v, cu_seqlens, scale)
 
 
-@varlen_attention.register_fake
 def _varlen_attention_fake(q, k, v, cu_seqlens, scale=None):
     return q.new_empty((q.shape[0], q.shape[1], v.shape[-1]))
 
 
+def _varlen_attention_flops(node: Node) -> int:
+    """Per sequence of length ``L_b``: ``2 * L_b² * H * (D + Dv)``, as SDPA on it alone.
+
+    The lengths come from ``cu_seqlens`` on the example run. Without one (shapes static, offsets
+    computed from data never run), the ``T`` tokens are counted as spread evenly over the ``B``
+    sequences, ``T² / B`` query-key pairs: the fewest ``T`` tokens in ``B`` sequences can make,
+    exact when the lengths are equal.
+    """
+    args = normalized_args(node)
+    q, v, offsets = shape_of(args["q"]), shape_of(args["v"]), shape_of(args["cu_seqlens"])
+    if not (q and v and offsets):
+        return 0
+    offsets_run = example_value(args["cu_seqlens"])
+    if offsets_run is not None:
+        pairs = int((offsets_run.diff() ** 2).sum())
+    else:
+        pairs = size(q[0]) ** 2 // max(size(offsets[0]) - 1, 1)
+    return 2 * pairs * size(q[1]) * (size(q[2]) + size(v[2]))
+
+
+def _moves_tokens(node: Node) -> int:
+    """Packing moves tokens and computes nothing."""
+    return 0
+
+
+register_op(OpRecord(op=torch.ops.graphopt.pack_tokens, reference=pack_tokens_reference, fake=_pack_tokens_fake, flops=_moves_tokens))
+register_op(OpRecord(op=torch.ops.graphopt.unpack_tokens, reference=unpack_tokens_reference, fake=_unpack_tokens_fake, flops=_moves_tokens))
+register_op(OpRecord(op=torch.ops.graphopt.varlen_attention, reference=varlen_attention_reference, fake=_varlen_attention_fake, flops=_varlen_attention_flops))
+
+
 @functools.cache
 def _triton_varlen():
-    """:mod:`graphopt.backends.triton_varlen_attention`, or None where Triton is not installed."""
+    """:mod:`graphopt.ops.flash_attention.triton`, or None where Triton is not installed."""
     try:
-        from graphopt.backends import triton_varlen_attention
+        from graphopt.ops.flash_attention import triton as flash
     except ImportError:
         return None
-    return triton_varlen_attention
+    return flash
 
 
 @varlen_attention.register_kernel("cuda")
 def _varlen_attention_cuda(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, scale: float | None = None) -> Tensor:
-    """The FlashAttention-style Triton kernel of :mod:`graphopt.backends.triton_varlen_attention`;
+    """The FlashAttention kernel of :mod:`graphopt.ops.flash_attention` (its ``VARLEN`` variant);
     the bucketed SDPA above where Triton is not installed or the kernel refuses the inputs (fp64)."""
     kernels = _triton_varlen()
     if kernels is not None:
         try:
-            return kernels.varlen_attention(q, k, v, cu_seqlens, scale)
+            return kernels.flash_attention_varlen(q, k, v, cu_seqlens, scale)
         except kernels.NotLowerable:
             pass
     with varlen_attention.set_kernel_enabled("cuda", False):

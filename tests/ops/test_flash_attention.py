@@ -1,4 +1,4 @@
-"""The varlen attention kernel, run by the Triton interpreter on CPU, against per-sequence SDPA in fp64.
+"""The flash-attention kernel's varlen launcher, run by the Triton interpreter on CPU, against per-sequence SDPA in fp64.
 
 Every case is packed inputs made here; one subprocess (``TRITON_INTERPRET=1`` must be set before
 triton is imported) runs them all, and the checks run here, against ATen's SDPA on each sequence
@@ -11,13 +11,13 @@ import torch.nn.functional as F
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
-from graphopt.backends import triton_varlen_attention
-from graphopt.backends.triton_attention import attention_source
-from graphopt.backends.triton_codegen import NotLowerable
-from graphopt.backends.triton_varlen_attention import varlen_attention, varlen_attention_source
+from graphopt.ops.flash_attention import NotLowerable
+from graphopt.ops.flash_attention import triton as flash
+from graphopt.ops.flash_attention.reference import attention_reference, varlen_attention_reference
+from graphopt.ops.flash_attention.triton import flash_attention_varlen as varlen_attention
+from graphopt.testing import assert_close
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-TOLERANCES = {torch.float32: (1e-4, 1e-5), torch.float16: (2e-3, 1e-3), torch.bfloat16: (1.6e-2, 1e-2), torch.float64: (1e-7, 1e-9)}  # (rtol, atol)
 
 
 def reference(q, k, v, cu_seqlens, scale=None):
@@ -33,7 +33,7 @@ def reference(q, k, v, cu_seqlens, scale=None):
 _RUN_VARLEN = """
 import sys, torch
 import graphopt.ops.varlen  # defines graphopt::varlen_attention, for the fallback of the CUDA kernel
-from graphopt.backends.triton_varlen_attention import varlen_attention
+from graphopt.ops.flash_attention.triton import flash_attention_varlen as varlen_attention
 from graphopt.ops.varlen import _varlen_attention_cuda
 calls = torch.load(sys.argv[1])
 launchers = {"launcher": varlen_attention, "cuda-kernel": _varlen_attention_cuda}
@@ -57,8 +57,7 @@ def assert_matches(case, out):
     q, k, v, cu_seqlens, kwargs = case
     expected = reference(q, k, v, cu_seqlens, kwargs.get("scale"))
     assert out.dtype == expected.dtype and out.shape == expected.shape
-    rtol, atol = TOLERANCES[expected.dtype]
-    torch.testing.assert_close(out, expected, rtol=rtol, atol=atol)
+    assert_close(out, expected)
 
 
 # --- cases ------------------------------------------------------------------------------------
@@ -132,7 +131,7 @@ def test_length_1_sequences_return_their_value_row(outputs):
 
 def test_agrees_with_the_ops_cpu_implementation(outputs):
     q, k, v, cu_seqlens, _ = CASES["mixed-lengths-fp32"]
-    torch.testing.assert_close(outputs["mixed-lengths-fp32"], torch.ops.graphopt.varlen_attention(q, k, v, cu_seqlens), rtol=1e-4, atol=1e-5)
+    assert_close(outputs["mixed-lengths-fp32"], torch.ops.graphopt.varlen_attention(q, k, v, cu_seqlens))
 
 
 @pytest.mark.parametrize("case", CUDA_KERNEL_CASES)
@@ -169,19 +168,40 @@ def test_random_lengths_match_sdpa_per_sequence(run_varlen, cases):
 # --- generation, registration and refusals (no kernel runs) -----------------------------------
 
 
-def test_source_is_the_attention_template_with_the_sequence_extent():
-    source, template = varlen_attention_source(), attention_source(False, None)
-    assert source.count("@triton.jit") == 1 and "def varlen_attention_fwd_kernel(" in source
+def _recorded_launch(monkeypatch, *args, **kwargs):
+    """``(arguments, constexprs)`` the varlen launcher passes the kernel (nothing runs)."""
+    launches = []
+    monkeypatch.setattr(flash, "interpreted", lambda: True)
+    monkeypatch.setattr(flash, "_launch", lambda rows, pairs, *args, **constexprs: launches.append((args, constexprs)))
+    varlen_attention(*args, **kwargs)
+    (launch,) = launches
+    return launch
+
+
+def test_varlen_is_a_constexpr_variant_of_the_attention_kernel(monkeypatch):
+    source = flash.kernel_source()
+    assert source.count("@triton.jit") == 1 and "def attention_fwd_kernel(" in source
     assert "Q, K, V, Out, Mask, CuSeqlens," in source and "tl.load(CuSeqlens + b + 1)" in source
-    assert "if start_m >= Lq:" in source and "        return\n" in source
-    varlen_lines = {line for line in source.splitlines() if line not in template.splitlines()}
-    assert len(varlen_lines) == 2 + 8  # name and signature, the sequence's extent
-    assert 'input_precision="tf32"' in varlen_attention_source("tf32")
+    assert "    if VARLEN:\n" in source and "if start_m >= Lq:" in source and "            return\n" in source
+    q, k, v, cu_seqlens, _ = packed([5, 3], 2, 8, torch.float32)
+    args, constexprs = _recorded_launch(monkeypatch, q, k, v, cu_seqlens)
+    assert args[5] is cu_seqlens
+    assert constexprs["VARLEN"] is True and constexprs["CAUSAL"] is False and constexprs["MASK_KIND"] == "none"
+    assert constexprs["INPUT_PRECISION"] == "ieee"
+    _, constexprs = _recorded_launch(monkeypatch, *(t.half() for t in (q, k, v)), cu_seqlens)
+    assert constexprs["INPUT_PRECISION"] == "tf32"
 
 
-def test_kernel_is_loaded_once_per_precision():
-    load = triton_varlen_attention._load_varlen_kernel
-    assert load("ieee") is load("ieee") and load("ieee") is not load("tf32")
+def test_references_match_sdpa():
+    """The naive twins (``reference.py``) agree with ATen's SDPA."""
+    q, k, v, cu_seqlens, _ = packed([5, 0, 9], 2, 8, torch.float64)
+    assert_close(varlen_attention_reference(q, k, v, cu_seqlens, 0.3), reference(q, k, v, cu_seqlens, 0.3))
+    q, k, v = (torch.randn(2, 4 if name == "q" else 2, 7, 8, dtype=torch.float64) for name in "qkv")
+    mask = torch.rand(2, 1, 7, 7) > 0.3
+    mask[0, 0, 3] = False  # a fully masked row: zeros, as ATen's CPU SDPA gives
+    for kwargs in ({}, {"is_causal": True}, {"attn_mask": mask}, {"attn_mask": torch.randn(7, 7, dtype=torch.float64)}):
+        expected = F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kwargs)
+        assert_close(attention_reference(q, k, v, enable_gqa=True, **kwargs), expected)
 
 
 def test_is_the_cuda_kernel_of_the_op():
@@ -204,6 +224,6 @@ def _qkv(total=5, heads=2, d=8, dtype=torch.float32):
     ],
 )
 def test_unsupported_inputs_are_refused_before_launching(monkeypatch, inputs, message):
-    monkeypatch.setattr(triton_varlen_attention, "interpreted", lambda: False)
+    monkeypatch.setattr(flash, "interpreted", lambda: False)
     with pytest.raises(NotLowerable, match=message):
         varlen_attention(*inputs)
