@@ -38,6 +38,7 @@ from torch.fx import GraphModule, Node
 
 from graphopt.backends.triton_region import KernelRegion, NotLowerable
 from graphopt.ir import aten, normalized_args
+from graphopt.ops.triton_runtime import interpreted
 
 __all__ = [
     "LOWERINGS",
@@ -299,11 +300,6 @@ def region_source(gm: GraphModule) -> str:
 # Compilation and launch.
 
 _KERNELS: dict[str, Any] = {}
-
-
-def interpreted() -> bool:
-    """Whether Triton kernels run in the Triton interpreter (``TRITON_INTERPRET=1``) in this process."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def load_kernel(source: str, name: str, gpu_configs: list[triton.Config], autotune_key: list[str], prune: Callable | None = None) -> Any:

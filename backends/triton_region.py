@@ -36,7 +36,7 @@ from torch.fx.node import map_arg
 
 from graphopt.backends.partition import op_kind
 from graphopt.ir import aten
-from graphopt.ops.flash_attention import NotLowerable  # one class for templates and kernels: the backend leaves the region to ATen
+from graphopt.ops.triton_runtime import NotLowerable  # one class for templates and kernels: the backend leaves the region to ATen
 
 __all__ = ["KernelRegion", "NotLowerable", "Operand", "RESHAPES"]
 

@@ -57,7 +57,7 @@ from torch.fx.graph import _custom_builtins, dtype_abbrs
 from graphopt.backends import CompiledGraph
 from graphopt.frontends.api import OptimizedModule, optimize
 from graphopt.frontends.capture import normalize_args, one_line
-from graphopt.ir import count_ops, get_tensor, op_name
+from graphopt.ir import count_ops, describe_value, get_tensor, op_name
 from graphopt.pipeline.manager import run_graph
 from graphopt.pipeline.pass_base import Pass
 from graphopt.pipeline.report import APPLIED, PassRecord
@@ -87,17 +87,6 @@ ERASED_COLOR = "lightcoral"
 MODIFIED_COLOR = "khaki"
 
 # ----------------------------------------------------------------------------- text
-
-
-def describe_value(val: Any) -> str:
-    """A node's ``meta["val"]`` as text: ``f32[s77, 16, 32, 32]``, ``(f32[2], i64[2])``, ``Sym(s77)``."""
-    if isinstance(val, torch.Tensor):
-        return f"{dtype_abbrs.get(val.dtype, str(val.dtype))}[{', '.join(str(s) for s in val.shape)}]"
-    if isinstance(val, (tuple, list)):
-        return "(" + ", ".join(describe_value(v) for v in val) + ")"
-    if isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool)):
-        return f"Sym({val})"
-    return "" if val is None else type(val).__name__
 
 
 def _format_arg(arg: Any) -> str:

@@ -33,6 +33,7 @@ __all__ = [
     "cleanup",
     "count_ops",
     "describe",
+    "describe_value",
     "external_user",
     "follow_chain",
     "get_tensor",
@@ -77,6 +78,19 @@ def describe(node: Node) -> str:
         return f"{node.name} ({op_name(node.target)})"
     kind = {"placeholder": "a graph input", "output": "the graph output", "get_attr": "a constant"}.get(node.op, node.op)
     return f"{node.name} ({kind})"
+
+
+def describe_value(val: Any) -> str:
+    """A node's ``meta["val"]`` (or a tensor) as text: ``f32[s77, 16, 32, 32]``, ``(f32[2], i64[2])``, ``Sym(s77)``."""
+    from torch.fx.graph import dtype_abbrs
+
+    if isinstance(val, torch.Tensor):
+        return f"{dtype_abbrs.get(val.dtype, str(val.dtype))}[{', '.join(str(s) for s in val.shape)}]"
+    if isinstance(val, (tuple, list)):
+        return "(" + ", ".join(describe_value(v) for v in val) + ")"
+    if isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return f"Sym({val})"
+    return "" if val is None else type(val).__name__
 
 
 # ----------------------------------------------------------------------------- identifying ops

@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch.fx import GraphModule, Node
 
-from graphopt.ir import in_place_writes, op_name
+from graphopt.ir import describe_value, in_place_writes, op_name
 
 __all__ = ["IRSpecError", "RULES", "Rule", "STAGES", "Violation", "allow_module_calls", "check_ir", "check_ir_enabled", "register_rule", "violations"]
 
@@ -218,12 +218,6 @@ def _constants(gm: GraphModule) -> Iterator[tuple[Node | None, str]]:
             yield node, "is unused"
 
 
-def _describe_val(val) -> str:
-    if isinstance(val, torch.Tensor):
-        return f"{val.dtype} {tuple(val.shape)}"
-    return type(val).__name__
-
-
 def _val_ok(val) -> bool:
     if isinstance(val, torch.Tensor):
         return True
@@ -250,7 +244,7 @@ def _meta_val(gm: GraphModule) -> Iterator[tuple[Node | None, str]]:
             tensor = _attr(gm, node.target)
             if isinstance(tensor, torch.Tensor) and isinstance(val, torch.Tensor):
                 if tensor.dtype != val.dtype or tuple(tensor.shape) != tuple(val.shape):
-                    yield node, f'meta["val"] says {_describe_val(val)}, the tensor is {_describe_val(tensor)}'
+                    yield node, f'meta["val"] says {describe_value(val)}, the tensor is {describe_value(tensor)}'
 
 
 @_rule("no-dead-code", "every op's result is used, unless the op has a side effect (an in-place write, an assertion)")

@@ -211,7 +211,8 @@ class PassManager:
                 raise PassFailedError(f"pass {p.name!r} {record.reason}") from e
             return gm, reference, compared
         if self.check_ir:  # a broken IR is a bug in the pass, not a rewrite to roll back: raise
-            check_ir(work, "canonicalized" if any(r.name == "canonicalize" for r in report.records) else "captured", where=f"after {p.name}")
+            canonical = any(r.name == "canonicalize" and r.status != ROLLED_BACK for r in report.records)
+            check_ir(work, "canonicalized" if canonical else "captured", where=f"after {p.name}")
         record.status, record.reason, record.output_masks = APPLIED, result.message, declare
         record.seconds = time.perf_counter() - start
         record.nodes_after, record.param_bytes_after, record.flops_after = _op_count(work), param_bytes(work), count_flops(work, args, kwargs)

@@ -27,9 +27,9 @@ backends, so it is safe to import anywhere.
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from graphopt.ops.triton_runtime import NotLowerable, interpreted  # noqa: F401  (shared by every kernel)
 
 __all__ = ["DTYPES", "GPU_CONFIGS", "INTERPRETER_BLOCK", "MASK_KINDS", "MAX_GRID_Y", "NotLowerable", "interpreted"]
 
@@ -47,17 +47,3 @@ GPU_CONFIGS = ((64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 8, 3),
 
 MAX_GRID_Y = 65535
 """CUDA's limit on the grid's second axis, which counts (batch, head) or (sequence, head) pairs."""
-
-
-class NotLowerable(Exception):
-    """A kernel cannot compute this region or these inputs; the caller runs ATen instead.
-
-    Raised before anything launches. The triton backend's templates raise the same class
-    (``graphopt.backends.triton_region.NotLowerable`` is this one), so one ``except`` covers a
-    template's refusal and its kernel's.
-    """
-
-
-def interpreted() -> bool:
-    """Whether Triton kernels run in the Triton interpreter (``TRITON_INTERPRET=1``) in this process."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
