@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import dataclasses
 import difflib
 import importlib.util
 import inspect
@@ -222,7 +223,9 @@ def cmd_passes(args) -> int:
     rows = []
     for name, cls in graphopt.available_passes().items():
         doc = (cls.__doc__ or "").strip().splitlines()
-        rows.append([name, "exact" if cls.exact else cls.budget.describe(), doc[0] if doc else ""])
+        defaults = {f.name: f.default for f in dataclasses.fields(cls.Config) if f.default is not dataclasses.MISSING}
+        options = ", ".join(f"{k}={getattr(v, '__name__', None) if callable(v) else repr(v)}" for k, v in defaults.items())
+        rows.append([name, "exact" if cls.exact else cls.budget.describe(), doc[0] if doc else "", f"options: {options}" if options else ""])
     print(tabulate(rows, tablefmt="plain") if rows else "no passes registered")
     return 0
 

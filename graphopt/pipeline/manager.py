@@ -162,6 +162,7 @@ class PassManager:
         record = PassRecord(
             name=p.name,
             exact=p.exact,
+            options=p.options(),
             status=NOT_APPLICABLE,
             nodes_before=_op_count(gm),
             param_bytes_before=param_bytes(gm),

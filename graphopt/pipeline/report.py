@@ -47,6 +47,8 @@ class PassRecord:
     metric: str = ""
     error: float | None = None
     stats: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+    """The pass's options (its ``Config`` fields) in this run."""
     output_masks: Callable[..., Any] | None = field(default=None, repr=False, compare=False)
     """An applied pass's ``output_masks(reference, ctx)`` (see :class:`graphopt.pipeline.pass_base.PassResult`):
     the output positions its verification compared; kept so that tests can ask again on other
@@ -54,7 +56,9 @@ class PassRecord:
 
 
 def _record_data(record: PassRecord) -> dict[str, Any]:
-    data = dataclasses.asdict(dataclasses.replace(record, output_masks=None))  # a function is no data (and asdict would deep-copy it)
+    # a function is no data (and asdict would deep-copy it); options that are not plain data are shown by name
+    options = {k: v if isinstance(v, (bool, int, float, str, tuple, list, type(None))) else getattr(v, "__name__", repr(v)) for k, v in record.options.items()}
+    data = dataclasses.asdict(dataclasses.replace(record, output_masks=None, options=options))
     del data["output_masks"]
     return data
 

@@ -104,6 +104,13 @@ def test_passes_listed_by_the_installed_console_script():
     assert lines["fold_batchnorm"].split()[1] == "exact"
 
 
+def test_passes_lists_each_option_with_its_default():
+    lines = {line.split()[0]: line for line in ok(graphopt_cli("passes")).stdout.splitlines()}
+    assert lines["layernorm_to_rmsnorm"].rstrip().endswith("options: compress=False")
+    assert "schedule=linear_schedule" in lines["layernorm_to_repbn"]
+    assert "options:" not in lines["canonicalize"]
+
+
 def test_models_lists_the_zoo():
     lines = ok(graphopt_cli("models")).stdout.splitlines()
     assert [line.split()[0] for line in lines] == [f"zoo:{name}" for name in zoo.MODELS]

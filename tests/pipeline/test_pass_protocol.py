@@ -276,3 +276,11 @@ def test_summarize_reasons_shows_three_then_counts():
     assert summarize_reasons(["a", "b"]) == "a; b"
     assert summarize_reasons(["a", "b", "c", "d", "e"]) == "a; b; c (+2 more)"
     assert summarize_reasons(["a", "b", "c"], shown=1) == "a (+2 more)"
+
+
+def test_report_records_each_pass_options():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8)).eval()
+    fast = graphopt.optimize(model, [graphopt.get_pass("layernorm_to_rmsnorm")(compress=True)], (torch.randn(2, 8),))
+    record = fast.report.record("layernorm_to_rmsnorm")
+    assert record.options == {"compress": True}
+    assert fast.report.to_dict()["records"][0]["options"] == {"compress": True}
