@@ -131,11 +131,24 @@ def eager(gm, example_inputs: Any = (), example_kwargs: Any = None, **options) -
 
 
 @register_backend("inductor")
-def inductor(gm, example_inputs: Any = (), example_kwargs: Any = None, **options) -> CompiledGraph:
-    """Compile the rewritten graph with torch's inductor (lazily, on the first call)."""
+def inductor(gm, example_inputs: Any = (), example_kwargs: Any = None, *, dynamic: bool | None = None, **options) -> CompiledGraph:
+    """Compile the rewritten graph with torch's inductor (lazily, on the first call).
+
+    Args:
+        dynamic: ``torch.compile``'s shape mode. ``False``: kernels for the exact shapes of each
+            call, compiled again for every new input shape (and, past dynamo's
+            ``recompile_limit`` shapes, the graph runs uncompiled); ``True``: one compile with
+            symbolic sizes; ``None`` (default): torch's own, static at the first shape and
+            symbolic from the second. The graph itself keeps the sizes it was captured with
+            either way (see ``graphopt.optimize``'s ``dynamic_shapes``). Measured on the real
+            MiniLM (bench/inductor_shapes.py, 1 CPU thread), static and symbolic kernels ran
+            within the run's noise of each other (±5 %), while each new shape cost ~18 s of
+            compilation in static mode; hence torch's default, which compiles at most twice.
+        options: the other keyword arguments of ``torch.compile`` (``mode``, ``options``, ...).
+    """
     import torch
 
-    return CompiledGraph(torch.compile(gm, backend="inductor", **options), "inductor")
+    return CompiledGraph(torch.compile(gm, backend="inductor", dynamic=dynamic, **options), "inductor")
 
 
 from graphopt.backends import triton_backend  # noqa: E402,F401  (registers "triton")

@@ -35,6 +35,15 @@ the variance as ``aten.var`` (no correction) or as the mean of the squared centr
 ``rsqrt`` or ``sqrt`` then divide, becomes ``aten.layer_norm``; ``x * rsqrt(mean(x²) + eps) [* w]``
 becomes ``aten.rms_norm``. A cast to the dtype the value already has (Llama's ``.to(float32)`` on a
 float32 model) is absorbed; any real cast ends the replaced region, so it stays in the graph.
+
+**Views.** Identity views go: a ``view`` / ``reshape`` / ``flatten`` / ``unflatten`` to the shape its
+input (or the start of a chain of reshapes) already has, an ``expand`` to its input's shape, a
+permutation that moves nothing; the shapes are compared symbolically (``reshape(x, [B, -1, S, D])``
+of an ``[B, H, S, D]`` SDPA output is one for every ``B`` and ``S``). A ``contiguous`` copy read
+only by reshapes goes too, the reshapes reading its input (``reshape`` copies where it must). So
+the heads are merged in one form, ``transpose(1, 2)`` then ``reshape``, whether the model called
+SDPA or wrote attention out, and Hugging Face's two attention implementations canonicalize to the
+same attention, head split and head merge.
 """
 
 from __future__ import annotations
@@ -43,12 +52,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch.fx import GraphModule, Node
 
 from graphopt.ir import aten, external_user, is_op, normalized_args, op_name, replace_node, shape_of, val_of
 from graphopt.ir.match import (
     VIEW_OPS,
     broadcasts_to,
+    identity_view_source,
     infer_val,
     is_value_identity,
     matmul_operands,
@@ -561,6 +572,48 @@ def _rewrite_norm(gm: GraphModule, m: _NormMatch) -> None:
 # ----------------------------------------------------------------------------- the pass
 
 
+def _is_copy_before_reshapes(node: Node) -> bool:
+    """A ``contiguous`` copy read only by reshapes: ``x.contiguous().view(s)`` is ``x.reshape(s)``
+    (``reshape`` copies when it must), the head merge written as Hugging Face's SDPA path writes it."""
+    return (
+        is_op(node, aten.contiguous.default)
+        and normalized_args(node).get("memory_format") in (None, 0, torch.contiguous_format)  # 0: the schema's default, as an enum value
+        and bool(node.users)
+        and all(is_op(u, *VIEW_OPS) and u.args[0] is node for u in node.users)
+    )
+
+
+def _identity_view_candidates(gm: GraphModule) -> list[Node]:
+    return [n for n in gm.graph.nodes if identity_view_source(n) is not None or _is_copy_before_reshapes(n)]
+
+
+def _remove_identity_views(gm: GraphModule) -> int:
+    """Make the users of every identity view read its source, and reshape a tensor instead of its
+    ``contiguous`` copy; returns how many views and copies were bypassed.
+
+    Each node is judged in graph order on the graph the previous removals left. What only fed the
+    removed views (the first reshape of a chain, the sizes it was given) is dead code afterwards and
+    erased here, so that later matches see the true user counts."""
+    removed = 0
+    for node in list(gm.graph.nodes):
+        if _is_copy_before_reshapes(node):
+            for user in list(node.users):
+                user.target = aten.reshape.default
+                user.args = (node.args[0], *user.args[1:])
+            gm.graph.erase_node(node)
+            removed += 1
+            continue
+        source = identity_view_source(node)
+        if source is None:
+            continue
+        node.replace_all_uses_with(source)
+        gm.graph.erase_node(node)
+        removed += 1
+    if removed:
+        gm.graph.eliminate_dead_code()
+    return removed
+
+
 def _attention_candidates(gm: GraphModule) -> list[Node]:
     return [n for n in gm.graph.nodes if is_op(n, *_SOFTMAX_OPS)]
 
@@ -571,28 +624,34 @@ def _norm_candidates(gm: GraphModule) -> list[Node]:
 
 @register_pass
 class Canonicalize(Pass):
-    """Explicit attention -> ``aten.scaled_dot_product_attention``; explicit LayerNorm / RMSNorm -> ATen ops.
+    """Explicit attention -> ``aten.scaled_dot_product_attention``; explicit LayerNorm / RMSNorm -> ATen ops;
+    identity views removed.
 
     See the module docstring for the accepted forms and the rejections. Stats: how many of each
-    were rewritten; a candidate left alone is reported with its reason in the result message.
+    were rewritten (``identity_views``: views bypassed); a candidate left alone is reported with its reason in the result message.
     """
 
     name = "canonicalize"
     exact = True
 
     def analyze(self, gm: GraphModule, ctx: PassContext) -> tuple[list[Node], list[Node]]:
-        """The candidates: ``rsqrt`` / ``sqrt`` of a statistic, and softmaxes. Each is matched as
-        the rewrite reaches it, on the graph the previous rewrites left (a rewritten norm may be
-        an attention's query or key); a rewrite never removes another candidate."""
-        norms, softmaxes = _norm_candidates(gm), _attention_candidates(gm)
-        if not (norms or softmaxes):
-            raise NotApplicable("no explicit attention or normalization formula in the graph")
+        """The candidates: ``rsqrt`` / ``sqrt`` of a statistic, and softmaxes; not applicable when
+        there are none and no identity view either. Each is matched as the rewrite reaches it, on
+        the graph the previous rewrites left (a rewritten norm may be an attention's query or key;
+        the identity views, found again by the rewrite, go first); a rewrite never removes another
+        candidate."""
+        views, norms, softmaxes = _identity_view_candidates(gm), _norm_candidates(gm), _attention_candidates(gm)
+        if not (views or norms or softmaxes):
+            raise NotApplicable("no explicit attention or normalization formula and no identity view in the graph")
         return norms, softmaxes
 
     def rewrite(self, gm: GraphModule, candidates: tuple[list[Node], list[Node]], ctx: PassContext) -> PassResult:
         norms, softmaxes = candidates
-        stats = {"attention": 0, "layer_norm": 0, "rms_norm": 0}
+        stats = {"attention": 0, "layer_norm": 0, "rms_norm": 0, "identity_views": 0}
         reasons: list[str] = []
+        # Identity views first: one between a query-key product and its softmax would hide the
+        # attention; and again last, for the views the attention rewrite leaves identities.
+        stats["identity_views"] += _remove_identity_views(gm)
         # Norms first: a normalized value may be an attention's query or key, and each match is made
         # on the graph as the previous rewrites left it.
         for anchor in norms:
@@ -611,6 +670,7 @@ class Canonicalize(Pass):
                 continue
             _rewrite_attention(gm, match)
             stats["attention"] += 1
+        stats["identity_views"] += _remove_identity_views(gm)
         changed = any(stats.values())
         message = summarize_reasons(reasons)
         if changed and message:

@@ -15,7 +15,8 @@ one ``[batch, seq]`` graph input. A small abstract interpreter follows the mask'
 each value is a constant, an index ramp (``arange``) or a function of ``mask[b, s]`` laid out
 along two dimensions; it passes casts, comparisons, arithmetic, ``where`` / ``masked_fill``,
 and-ing with other masks, ``unsqueeze`` / ``expand`` / views that add size-1 dimensions, full
-slices and the ``index`` gather Hugging Face uses to vectorise its mask functions. A comparison of
+slices and the ``index`` gather Hugging Face uses to vectorise its mask functions, and an in-place
+``masked_fill_`` of a fresh tensor nothing else reads (``nn.MultiheadAttention``'s key-padding mask). A comparison of
 two index ramps (a causal or windowed mask) or any other op ends the match with the reason. The
 mask must be True (or an additive 0) at valid keys and False (or ``<= -1e4``, so that the softmax
 weight underflows to 0) at pads, along the batch and key dimensions of SDPA's ``[B, H, L, S]``.
@@ -26,7 +27,12 @@ layout (which dimensions are batch and sequence; the packed form moves them to t
 merges them into ``T``). Linear, layer/RMS norms, custom ops whose op record declares them
 token-wise (``OpRecord.tokenwise``), pointwise ops with token-independent operands, eval-mode
 dropout, softmax over a feature dimension, embedding lookups, views that split or merge only
-trailing feature dimensions, transposes and SDPA keep a layout. The pack goes where one
+trailing feature dimensions, transposes and SDPA keep a layout; so do the pieces of a fused QKV
+projection split along a feature dimension (``split`` / ``chunk``, or ``unflatten`` to
+``[B, S, 3, H, D]``, a permute and ``unbind``, and their ``getitem``), and a
+view flattening the tokens to ``[B*S, ...]`` for a 2-D linear and back (``[T, ...]`` either way once
+packed, so those views go; a flattened value may not leave the region). Sizes read from a region
+value (``b, s, _ = x.shape``) are read from the entry, which the pack leaves as it is. The pack goes where one
 tensor carries everything the region needs: the earliest ``[B, S, ...]`` ancestor of the
 attentions from which the region reaches every SDPA. In BERT that is the sum of the word, type
 and position embeddings (the position embeddings depend on the position, which the packed layout
@@ -45,6 +51,7 @@ positions the original values are meaningless, and the rewritten graph gives zer
 
 from __future__ import annotations
 
+import operator
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -64,6 +71,11 @@ _CASTS = (aten.to, aten._to_copy, aten.type_as)
 _LOGICAL = (aten.__and__, aten.__or__, aten.__xor__, aten.where)  # pointwise, but not tagged so
 _NORMS = (aten.layer_norm.default, aten.rms_norm.default)
 _SOFTMAX = (aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default)
+_SPLITS = (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default)  # a fused QKV's pieces
+
+
+def _split_dim(node: Node) -> int:
+    return normalized_args(node)["dim"]
 
 
 def _rank(node: Any) -> int | None:
@@ -159,6 +171,10 @@ class _MaskAnalysis:
         if is_op(node, aten.index.Tensor):
             return self._index(node)
         if is_op(node, *_CASTS) or is_op(node, *_LOGICAL) or torch.Tag.pointwise in node.target.tags:
+            return self._pointwise(node)
+        if is_op(node, aten.masked_fill_) and isinstance(node.args[0], Node) and len(node.args[0].users) == 1:
+            # filling a fresh tensor nothing else reads (nn.MultiheadAttention's key-padding mask
+            # from zeros_like): the same as the out-of-place masked_fill
             return self._pointwise(node)
         return self._shape_op(node)
 
@@ -353,6 +369,7 @@ class _Layout:
 
 
 _TOKENS = _Layout(0, 1)
+_FLAT = _Layout(0, 0)  # [B*S, ...]: tokens flattened for a 2-D linear; packed, the same [T, ...]
 _HEADS = _Layout(0, 2)  # [B, H, S, D], SDPA's layout
 
 
@@ -371,14 +388,36 @@ def _outside_region(arg: Any, region: dict) -> bool:
     return not (isinstance(arg, Node) and arg in region)
 
 
-def _layout_of(node: Node, region: dict, pad_masks: set) -> _Layout | None:
-    """The layout of ``node`` when it runs on packed operands unchanged in meaning, else None."""
+def _flattening(node: Node, layout: _Layout, grid: tuple) -> _Layout | None:
+    """The layout of a view between ``[B, S, *f]`` and ``[B*S, *f]`` (``grid`` is ``(B, S)``), else None."""
+    in_shape, out_shape = shape_of(node.args[0]), shape_of(node)
+    if in_shape is None or out_shape is None or not grid:
+        return None
+    if layout == _TOKENS and len(out_shape) == len(in_shape) - 1 and len(in_shape) >= 2:
+        ok = same_shape(in_shape[:2], grid) and known_true(out_shape[0] == grid[0] * grid[1]) and same_shape(in_shape[2:], out_shape[1:])
+        return _FLAT if ok else None
+    if layout == _FLAT and len(out_shape) == len(in_shape) + 1:
+        ok = same_shape(out_shape[:2], grid) and same_shape(out_shape[2:], in_shape[1:])
+        return _TOKENS if ok and not any(isinstance(x, Node) for x in node.args[1][2:]) else None
+    return None
+
+
+def _layout_of(node: Node, region: dict, pad_masks: set, grid: tuple = ()) -> _Layout | None:
+    """The layout of ``node`` when it runs on packed operands unchanged in meaning, else None.
+
+    The pieces of a fused QKV projection split along a feature dimension (``split``, ``chunk``)
+    keep the layout: the split node's layout is that of its input, and each ``getitem`` has it."""
+    if node.op == "call_function" and node.target is operator.getitem:
+        source = node.args[0]
+        return region.get(source) if is_op(source, *_SPLITS, aten.unbind.int) else None
     if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
         return None
     if is_op(node, _SDPA):
         return _sdpa_layout(node, region, pad_masks)
     rank = _rank(node)
     x = node.args[0] if node.args else None
+    if rank is None and is_op(node, *_SPLITS, aten.unbind.int):
+        rank = _rank(x)  # a split's value is a tuple of tensors of its input's rank
     if rank is None or not isinstance(x, Node) or x not in region:
         return None
     layout, x_rank = region[x], _rank(x)
@@ -396,13 +435,24 @@ def _layout_of(node: Node, region: dict, pad_masks: set) -> _Layout | None:
         return layout if last_token_dim < x_rank - record.tokenwise and all(_outside_region(a, region) for a in params) else None
     if is_op(node, *_SOFTMAX):
         return layout if normalize_dim(node.args[1], x_rank) not in (layout.batch, layout.seq) else None
+    if is_op(node, *_SPLITS):
+        return layout if normalize_dim(_split_dim(node), x_rank) not in (layout.batch, layout.seq) else None
+    if is_op(node, aten.unflatten.int, aten.unbind.int) and layout != _FLAT:
+        # Q, K and V of a fused projection unflattened to [B, S, 3, H, D], permuted, unbound
+        dim = normalize_dim(node.args[1] if len(node.args) > 1 else 0, x_rank)
+        if dim in (layout.batch, layout.seq):
+            return None
+        shift = len(node.args[2]) - 1 if is_op(node, aten.unflatten) else -1
+        return _Layout(*(d + shift if d > dim else d for d in (layout.batch, layout.seq)))
+    if is_op(node, *VIEW_OPS) and _flattening(node, layout, grid) is not None:
+        return _flattening(node, layout, grid)
     if is_op(node, *VIEW_OPS):
         in_shape, out_shape = shape_of(x), shape_of(node)
         ok = layout == _TOKENS and len(out_shape) >= 2 and same_shape(in_shape[:2], out_shape[:2])
         return _TOKENS if ok and not any(isinstance(s, Node) for s in node.args[1][2:]) else None
     perm = permutation(node)
     if perm is not None:
-        return _Layout(perm.index(layout.batch), perm.index(layout.seq))
+        return None if layout == _FLAT else _Layout(perm.index(layout.batch), perm.index(layout.seq))
     if is_value_identity(node) or torch.Tag.pointwise in node.target.tags or is_op(node, *_CASTS):
         return _pointwise_layout(node, region)
     return None
@@ -438,10 +488,12 @@ class _Region:
     layouts: dict[Node, _Layout]
     missing: list[Node]  # attentions the region does not reach
     blocker: Node | None  # the first node reading the region that is not token-wise, on the way to a missing attention
+    size_reads: dict[Node, int] = field(default_factory=dict)  # sym_size of a region value's batch (0) or sequence (1) dim
 
 
 def _grow_region(gm: GraphModule, entry: Node, sdpas: list[Node], pad_masks: set, ancestors: set) -> _Region:
     layouts: dict[Node, _Layout] = {entry: _TOKENS}
+    size_reads: dict[Node, int] = {}
     blocker = None
     started = False
     for node in gm.graph.nodes:
@@ -453,13 +505,20 @@ def _grow_region(gm: GraphModule, entry: Node, sdpas: list[Node], pad_masks: set
         reads_region = any(a in layouts for a in node.all_input_nodes)
         if not reads_region:
             continue
-        layout = _embedding_layout(node, layouts) or _layout_of(node, layouts, pad_masks)
+        if is_op(node, aten.sym_size.int) and node.args[0] in layouts:
+            # The batch or sequence size of a region value is the entry's (``b, s, _ = x.shape``):
+            # read from the entry, which the pack leaves as it is. Other sizes are read after unpacking.
+            x_layout, dim = layouts[node.args[0]], normalize_dim(node.args[1], _rank(node.args[0]))
+            if x_layout != _FLAT and dim in (x_layout.batch, x_layout.seq):
+                size_reads[node] = 0 if dim == x_layout.batch else 1
+            continue
+        layout = _embedding_layout(node, layouts) or _layout_of(node, layouts, pad_masks, tuple(shape_of(entry)[:2]))
         if layout is not None:
             layouts[node] = layout
         elif blocker is None and node in ancestors:
             blocker = node
     missing = [s for s in sdpas if s not in layouts]
-    return _Region(entry, layouts, missing, blocker)
+    return _Region(entry, layouts, missing, blocker, size_reads)
 
 
 def _ancestors(nodes: list[Node]) -> set[Node]:
@@ -515,6 +574,8 @@ def _reader_state(node: Node, dirty: list[Node], differs: dict, mask_input: Node
         return None
     rank = _rank(node)
     x = node.args[0]
+    if is_op(node, aten.sym_size.int):
+        return "clean"  # the unpacked value has the original shape
     if is_op(node, aten.mul.Tensor, aten.where.self, aten.where.ScalarOther, aten.masked_fill.Scalar) and state.seq is not None:
         if _zeroes_pads(node, x, state, mask_input, masks):
             return "clean"
@@ -574,7 +635,11 @@ def _plan(gm: GraphModule) -> _Plan:
     (mask,) = sources
     pad_masks = {normalized_args(s)["attn_mask"] for s in sdpas}
     region = _choose_region(gm, mask, sdpas, pad_masks, masks)
-    exits = {n: layout for n, layout in region.layouts.items() if n is not region.entry and any(u not in region.layouts for u in n.users)}
+    inside = {**region.layouts, **region.size_reads}
+    exits = {n: layout for n, layout in region.layouts.items() if n is not region.entry and any(u not in inside for u in n.users)}
+    flat = [n for n, layout in exits.items() if layout == _FLAT]
+    if flat:
+        raise NotApplicable(f"{describe(flat[0])} holds the tokens flattened to [batch*seq, ...] and is read outside the token-wise region")
     plan = _Plan(mask, region, exits)
     plan.outputs_at_pads = _follow_unpacked(gm, exits, mask, masks)
     return plan
@@ -618,6 +683,14 @@ def _call(graph, target, args, kwargs=None) -> Node:
 def _rewrite(gm: GraphModule, plan: _Plan) -> dict[str, int]:
     graph, mask, entry = gm.graph, plan.mask, plan.region.entry
     layouts = plan.region.layouts
+    # before any edit: a split's input may be the entry, which the pack replaces
+    split_dims = {n: layouts[n].packed_dim(_split_dim(n), _rank(n.args[0])) for n in layouts if is_op(n, *_SPLITS)}
+    # unflatten and unbind take a dim of their input, whose layout gives its packed position
+    input_dims = {
+        n: layouts[n.args[0]].packed_dim(n.args[1] if len(n.args) > 1 else 0, _rank(n.args[0]))
+        for n in layouts
+        if is_op(n, aten.unflatten.int, aten.unbind.int)
+    }
     anchor = entry.next
     while anchor.op == "placeholder":
         anchor = anchor.next
@@ -629,6 +702,8 @@ def _rewrite(gm: GraphModule, plan: _Plan) -> dict[str, int]:
         cu_seqlens = _call(graph, aten.constant_pad_nd.default, (offsets, [1, 0], 0))
     for user in [u for u in entry.users if u in layouts]:
         user.replace_input_with(entry, packed)
+    for size, dim in plan.region.size_reads.items():
+        size.args = (entry, dim)
 
     for node, layout in plan.exits.items():
         rank = _rank(node)
@@ -648,10 +723,20 @@ def _rewrite(gm: GraphModule, plan: _Plan) -> dict[str, int]:
     softmax_dims = {n: layouts[n].packed_dim(n.args[1], _rank(n)) for n in region_nodes if is_op(n, *_SOFTMAX)}
     attentions = 0
     for node in region_nodes:
-        if is_op(node, *VIEW_OPS):
+        if is_op(node, *VIEW_OPS) and _FLAT in (layouts[node], layouts.get(node.args[0])):
+            # [B, S, *f] <-> [B*S, *f]: both are [T, *f] packed, so the view is an identity there
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+        elif is_op(node, *VIEW_OPS):
             node.args = (node.args[0], [tokens, *node.args[1][2:]], *node.args[2:])
         elif node in softmax_dims:
             node.args = (node.args[0], softmax_dims[node], *node.args[2:])
+        elif node in input_dims:
+            node.args = (node.args[0], input_dims[node], *node.args[2:])
+        elif node in split_dims:
+            args = normalized_args(node)
+            args["dim"] = split_dims[node]
+            node.args, node.kwargs = (), args
         elif node in permutations:
             _apply_permutation(node, permutations[node])
         elif is_op(node, _SDPA):

@@ -21,22 +21,26 @@ Dynamic shapes: pass ``dynamic_shapes`` exactly as ``torch.export`` takes it (e.
 ``({0: Dim.AUTO, 1: Dim.AUTO},)`` for batch and sequence). The graph then holds symbolic sizes and
 keeps working when a pass shortens the sequence. A model that writes a size into a view as a Python
 constant (``x.view(2, 16, 4, 32)`` rather than ``x.view(b, t, h, d)``) specializes that dimension:
-export reports it, and the captured graph only runs at that size.
+export reports it, and the captured graph only runs at that size. :func:`auto_dynamic_shapes` is
+the spec :func:`graphopt.optimize` uses by default, and :func:`captured_inputs` says, per input,
+which dims the captured graph really left dynamic.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import inspect
 import warnings
 from typing import Any
 
 import torch
 import torch.fx
 
-from graphopt.ir import _unique_attr_name, cleanup, clone_graph_module, in_place_writes, propagate_shapes
+from graphopt.ir import _unique_attr_name, cleanup, clone_graph_module, in_place_writes, propagate_shapes, quiet_meta_errors
 from graphopt.pipeline.report import one_line  # defined with the report, whose reasons it writes
 
-__all__ = ["CaptureError", "capture", "inference_view", "normalize_args", "one_line"]
+__all__ = ["CaptureError", "CapturedInput", "auto_dynamic_shapes", "capture", "captured_inputs", "flat_inputs", "inference_view", "normalize_args", "one_line"]
 
 
 class CaptureError(RuntimeError):
@@ -104,7 +108,7 @@ def capture(
         raise CaptureError(f"expected a torch.nn.Module, got {type(model).__name__}")
     args = normalize_args(example_inputs)
     kwargs = dict(example_kwargs or {})
-    with inference_view(model):
+    with inference_view(model), quiet_meta_errors():  # a shape error is raised once, not logged as a traceback first
         try:
             ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
             gm = ep.module()
@@ -123,6 +127,7 @@ def capture(
                 ) from trace_error
     _inline_mode_regions(gm)
     _strip_runtime_checks(gm)
+    _drop_identity_slices(gm)
     gm = clone_graph_module(gm)  # a plain GraphModule, without export's input-checking hooks
     cleanup(gm)  # constants the outputs never read (e.g. an unused pooler) are not part of the function
     _privatize_constants(gm)
@@ -156,6 +161,25 @@ def _strip_runtime_checks(gm: torch.fx.GraphModule) -> None:
             graph.erase_node(node)
     gm.delete_all_unused_submodules()
     gm.recompile()
+
+
+def _drop_identity_slices(gm: torch.fx.GraphModule) -> None:
+    """Replace ``x[..., 0:MAX:1]`` slices by ``x``.
+
+    With static shapes export never records them (``x[:, :]`` is seen to be ``x``); with symbolic
+    ones it does, e.g. Hugging Face heads' ``hidden_states[:, slice(-0, None), :]``. Dropped here,
+    so that passes see the same graph whether the model was captured static or dynamic."""
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not torch.ops.aten.slice.Tensor or node.kwargs:
+            continue
+        start, end, step = (list(node.args[2:]) + [None, None, None])[:3]
+        if start in (None, 0) and (end is None or (isinstance(end, int) and end >= 2**63 - 1)) and step in (None, 1):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            changed = True
+    if changed:
+        gm.recompile()
 
 
 def _inline_mode_regions(gm: torch.fx.GraphModule) -> None:
@@ -232,3 +256,92 @@ def _privatize_constants(gm: torch.fx.GraphModule) -> None:
         for name, value in list(vars(module).items()):
             if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
                 setattr(module, name, private(value))
+
+
+# ----------------------------------------------------------------------------- shapes
+
+
+def _auto_dims(value: Any):
+    """``Dim.AUTO`` for the batch and sequence dims of one input: dim 0, and dim 1 of a tensor of
+    rank 2 or 3 (``[B, T]`` ids, ``[B, T, D]`` features). Dim 1 of an image (``[B, C, H, W]``) is
+    channels and its spatial dims feed pooling geometry, so only its batch is left free."""
+    Dim = torch.export.Dim
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0:
+            return None
+        return {i: Dim.AUTO for i in range(min(value.dim(), 2 if value.dim() <= 3 else 1))}
+    if isinstance(value, list):
+        return [_auto_dims(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_auto_dims(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _auto_dims(v) for k, v in value.items()}
+    return None
+
+
+def auto_dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict | tuple:
+    """A ``torch.export`` dynamic-shapes spec with ``Dim.AUTO`` on every input's batch and sequence dims.
+
+    ``Dim.AUTO`` lets export keep a dim static where the model pins it (a size written into a
+    view, a position table of one length, a size-1 example dim, which export always specializes)
+    instead of failing; :func:`captured_inputs` then says what stayed dynamic. The spec is keyed by
+    ``model.forward``'s parameter names (which the captured graph's ``forward`` keeps), or a tuple
+    over the positional inputs when the signature cannot be bound.
+    """
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        if kwargs:
+            raise
+        return tuple(_auto_dims(a) for a in args)
+    return {name: _auto_dims(value) for name, value in bound.arguments.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class CapturedInput:
+    """One tensor input of a captured graph: its placeholder's name, the example's shape, and the
+    dims the graph holds as constants (it only runs with those sizes)."""
+
+    name: str
+    shape: tuple[int, ...]
+    static_dims: tuple[int, ...]
+
+    @property
+    def dynamic_dims(self) -> tuple[int, ...]:
+        return tuple(i for i in range(len(self.shape)) if i not in self.static_dims)
+
+
+def captured_inputs(gm: torch.fx.GraphModule) -> tuple[CapturedInput | None, ...]:
+    """Per placeholder of ``gm`` (in order; ``None`` for a non-tensor one): its example shape and
+    which dims are static (an ``int`` in ``meta["val"]``) rather than symbolic."""
+    out: list[CapturedInput | None] = []
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            out.append(None)
+            continue
+        shape, static = [], []
+        for i, size in enumerate(val.shape):
+            if isinstance(size, int):
+                shape.append(size)
+                static.append(i)
+            else:
+                shape.append(int(size.node.hint) if size.node.has_hint() else -1)
+        out.append(CapturedInput(node.name, tuple(shape), tuple(static)))
+    return tuple(out)
+
+
+def flat_inputs(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> list | None:
+    """``(args, kwargs)`` flattened the way ``gm`` flattens them into its placeholders, or None when
+    they do not fit its input structure (the graph's own call then says so)."""
+    info = getattr(gm.graph._codegen, "pytree_info", None)
+    if info is None or info.in_spec is None:
+        return None if kwargs else list(args)
+    from torch.fx._pytree import tree_flatten_spec
+
+    try:
+        return list(tree_flatten_spec((list(args), kwargs), info.in_spec))
+    except Exception:  # noqa: BLE001 - a structure mismatch: not this check's to report
+        return None

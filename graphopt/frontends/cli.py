@@ -6,10 +6,20 @@ Commands::
     graphopt models                                 the zoo models
     graphopt dump MODEL --out DIR [--passes a,b]    what every pass did: text, diffs, DOT, ONNX
     graphopt optimize MODEL [--passes a,b] [--save FILE.pt2]
+    graphopt export MODEL [--passes a,b] --onnx FILE.onnx
     graphopt demo [--passes a,b] [--batch 8]        the real MiniLM: report, fidelity, latency
 
-MODEL is ``zoo:NAME`` (see ``graphopt models``) or ``path/to/file.py:factory``, where
-``factory()`` returns ``(model, example_inputs)`` or ``(model, example_inputs, dynamic_shapes)``.
+MODEL is one of:
+
+- ``zoo:NAME`` (see ``graphopt models``);
+- ``hf:PATH``, a local Hugging Face model folder (``config.json``, weights, tokenizer files):
+  ``AutoModel`` and ``AutoTokenizer`` as users load them, nothing downloaded; the example inputs
+  are ``(input_ids, attention_mask)`` for the ``--text`` sentences (repeatable) or 8 built-in real
+  sentences, padded to the longest, with dynamic batch and sequence dims;
+- ``FILE.pt2``, an archive written by ``graphopt optimize --save``, ``graphopt.save`` or
+  ``torch.export.save``: the program and the example inputs stored in it, its dynamic dims kept;
+- ``path/to/file.py:factory``, where ``factory()`` returns ``(model, example_inputs)`` or
+  ``(model, example_inputs, dynamic_shapes)``.
 
 ``--backend triton`` runs the pointwise/row/matmul/attention regions as generated Triton kernels;
 it needs CUDA, or ``TRITON_INTERPRET=1`` in the environment to run them in the Triton interpreter on
@@ -50,6 +60,7 @@ from graphopt.tools import zoo
 from graphopt.backends import available_backends, get_backend
 from graphopt.frontends.capture import one_line
 from graphopt.frontends.dump import dump
+from graphopt.frontends.onnx_export import OnnxExportError, export_onnx
 from graphopt.pipeline.manager import run_graph
 from graphopt.pipeline.verify import Exact, compare, row_cosines
 
@@ -63,6 +74,8 @@ pass options:
   taken as a string. Example:
     graphopt optimize zoo:convnet-bn --passes fold_batchnorm --save convnet.pt2
     graphopt dump zoo:minilm --passes canonicalize --out dump/
+    graphopt optimize hf:path/to/bert-folder --passes remove_padding --text "One sentence." --text "And another."
+    graphopt dump convnet.pt2 --passes canonicalize --out dump2/
     graphopt optimize my_model.py:build --passes some_pass --option some_pass.threshold=0.999
 """
 
@@ -102,17 +115,31 @@ class Workload:
     model: Any
     example_inputs: tuple
     dynamic_shapes: Any = None
+    example_kwargs: dict | None = None
 
 
-def load_model(spec: str, log: Callable[[str], None]) -> Workload:
-    """Build the model a ``MODEL`` argument names: ``zoo:NAME`` or ``path/to/file.py:factory``."""
+def load_model(spec: str, log: Callable[[str], None], texts: list[str] | None = None) -> Workload:
+    """Build the model a ``MODEL`` argument names: ``zoo:NAME``, ``hf:PATH``, ``FILE.pt2`` or ``path/to/file.py:factory``.
+
+    ``texts`` (``--text``) are the sentences of an ``hf:PATH`` model's example batch; they mean
+    nothing to the other forms, which say so rather than ignore them.
+    """
+    if texts and not spec.startswith("hf:"):
+        raise UsageError(f"--text builds the example inputs of an hf:PATH model; {spec!r} brings its own")
+    if spec.startswith("hf:"):
+        entry = zoo.load_hf(spec[len("hf:") :], texts=texts or None)
+        log(f"loaded {spec}: {entry.description}")
+        return Workload(spec, entry.model, tuple(entry.example_inputs), entry.dynamic_shapes)
     if spec.startswith("zoo:"):
         entry = zoo.load(spec[len("zoo:") :])
         log(f"loaded {spec}: {entry.description}")
         return Workload(spec, entry.model, tuple(entry.example_inputs), entry.dynamic_shapes)
+    if spec.endswith(".pt2"):
+        return _load_archive(spec, log)
     path_text, sep, factory_name = spec.rpartition(":")
     if not sep or not path_text or not factory_name:
-        raise UsageError(f"MODEL must be zoo:NAME or path/to/file.py:factory, got {spec!r}")
+        hint = f"; for the Hugging Face model in that folder, give hf:{spec}" if (Path(spec) / "config.json").is_file() else ""
+        raise UsageError(f"MODEL must be zoo:NAME or path/to/file.py:factory, got {spec!r} (or hf:PATH, FILE.pt2){hint}")
     path = Path(path_text)
     if not path.is_file():
         raise UsageError(f"no such file: {path_text}")
@@ -128,6 +155,56 @@ def load_model(spec: str, log: Callable[[str], None]) -> Workload:
     except Exception as e:  # noqa: BLE001 - whatever the user's code raises is reported in one line
         raise CommandError(f"{spec}() raised {one_line(e)}") from e
     return _workload_from_factory(spec, made, log)
+
+
+def _load_archive(spec: str, log: Callable[[str], None]) -> Workload:
+    """The program in a ``.pt2`` archive, with the example inputs stored in it and its dynamic dims."""
+    path = Path(spec)
+    if not path.is_file():
+        raise UsageError(f"no such file: {spec}")
+    try:
+        module = graphopt.load(str(path))
+        # graphopt.load returns the module only; the example inputs are read from the program. It is
+        # loaded second so that whatever graphopt.load prepares for loading (imports, registrations) is in place.
+        stored = torch.export.load(str(path)).example_inputs
+    except Exception as e:  # noqa: BLE001 - a corrupt archive, a missing custom op, an unknown output class
+        raise CommandError(f"cannot load {spec}: {one_line(e)}") from e
+    # ExportedProgram.module() gives the instance train() and eval() methods that raise, since the
+    # program's ops were fixed at export; capture switches the model to eval mode and back, which
+    # for such a graph only flips flags, so nn.Module's own methods are put back.
+    for method in ("train", "eval"):
+        vars(module).pop(method, None)
+    if not stored:
+        raise CommandError(
+            f"{spec} stores no example inputs to capture and verify it with (archives written by older torch versions lack them); "
+            "save the program again with graphopt.save or graphopt optimize --save"
+        )
+    args, kwargs = stored
+    count = len(args) + len(kwargs)
+    log(f"loaded {spec}: a torch.export program, {count} input{'' if count == 1 else 's'}")
+    return Workload(spec, module, tuple(args), _archive_dynamic_shapes(module, args, kwargs), dict(kwargs) or None)
+
+
+def _archive_dynamic_shapes(module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+    """A ``dynamic_shapes`` spec that keeps dynamic the dims the archive's program has symbolic.
+
+    Without it the program would be re-captured at the example's shapes, and what was saved to
+    take any batch would come back fixed to one.
+    """
+    values = [n.meta.get("val") for n in module.graph.nodes if n.op == "placeholder"]
+    leaves, tree = torch.utils._pytree.tree_flatten((tuple(args), dict(kwargs)))
+    if len(values) != len(leaves):
+        return None  # the module's inputs do not line up with the stored ones: capture at the example's shapes
+    specs = [
+        {i: torch.export.Dim.AUTO for i, size in enumerate(val.shape) if isinstance(size, torch.SymInt)} or None
+        if isinstance(leaf, torch.Tensor) and isinstance(val, torch.Tensor)
+        else None
+        for leaf, val in zip(leaves, values)
+    ]
+    arg_specs, kwarg_specs = torch.utils._pytree.tree_unflatten(specs, tree)
+    if kwargs and args:
+        return None  # torch.export wants such specs keyed by parameter name, which an archive's module does not keep
+    return kwarg_specs if kwargs else arg_specs
 
 
 def _import_file(path: Path):
@@ -252,12 +329,13 @@ def cmd_dump(args) -> int:
     pipeline = build_pipeline(args.passes, args.option)
     check_backend_runs_here(args.backend)
     out = _prepare_out_dir(args.out)
-    workload = load_model(args.model, args.log)
+    workload = load_model(args.model, args.log, args.text)
     result = dump(
         workload.model,
         pipeline,
         workload.example_inputs,
         out,
+        example_kwargs=workload.example_kwargs,
         dynamic_shapes=workload.dynamic_shapes,
         **_pipeline_flags(args),
         name=workload.name,
@@ -279,11 +357,12 @@ def cmd_optimize(args) -> int:
         raise UsageError(f"--save {args.save}: directory {save.parent} does not exist")
     pipeline = build_pipeline(args.passes, args.option)
     check_backend_runs_here(args.backend)
-    workload = load_model(args.model, args.log)
+    workload = load_model(args.model, args.log, args.text)
     module = graphopt.optimize(
         workload.model,
         pipeline,
         workload.example_inputs,
+        example_kwargs=workload.example_kwargs,
         dynamic_shapes=workload.dynamic_shapes,
         **_pipeline_flags(args),
         name=workload.name,
@@ -294,15 +373,45 @@ def cmd_optimize(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    target = Path(args.onnx)
+    if target.is_dir():
+        raise UsageError(f"--onnx {args.onnx} is a directory; give a file name such as model.onnx")
+    if not target.parent.is_dir():
+        raise UsageError(f"--onnx {args.onnx}: directory {target.parent} does not exist")
+    pipeline = build_pipeline(args.passes, args.option)
+    check_backend_runs_here(args.backend)
+    workload = load_model(args.model, args.log)
+    module = graphopt.optimize(
+        workload.model,
+        pipeline,
+        workload.example_inputs,
+        dynamic_shapes=workload.dynamic_shapes,
+        **_pipeline_flags(args),
+        name=workload.name,
+    )
+    print(module.report)
+    args.log(f"exporting {target}")
+    try:
+        exporter = export_onnx(module, workload.example_inputs, target, dynamic_shapes=workload.dynamic_shapes)
+    except OnnxExportError as e:
+        details = target.with_name(target.name + ".error.txt")
+        details.write_text(e.details)
+        raise CommandError(f"ONNX export failed: {e} (whole error in {details})") from e
+    print(f"wrote {target} ({exporter})")
+    return 0
+
+
 def _save_and_check(module, workload: Workload, path: Path, log: Callable[[str], None]) -> None:
     """Save a ``torch.export`` archive, load it back with ``torch.export.load`` and compare outputs."""
     log(f"saving {path}")
     try:
-        graphopt.save(module, str(path), workload.example_inputs, dynamic_shapes=workload.dynamic_shapes)
+        graphopt.save(module, str(path), workload.example_inputs, workload.example_kwargs, dynamic_shapes=workload.dynamic_shapes)
     except Exception as e:  # noqa: BLE001 - export of the optimized graph failed
         raise CommandError(f"cannot save {path}: {one_line(e)}") from e
     reloaded = torch.export.load(str(path)).module()
-    check = compare(run_graph(reloaded, workload.example_inputs), run_graph(module.graph_module, workload.example_inputs), Exact(1e-5))
+    kwargs = workload.example_kwargs or {}
+    check = compare(run_graph(reloaded, workload.example_inputs, kwargs), run_graph(module.graph_module, workload.example_inputs, kwargs), Exact(1e-5))
     if not check.ok:
         raise CommandError(f"{path} does not reproduce the optimized graph after torch.export.load: {check}")
     print(f"saved {path} ({path.stat().st_size / 1e6:.2f} MB); reloaded with torch.export.load, outputs match the optimized graph ({check})")
@@ -385,7 +494,11 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--no-verify", action="store_true", help="do not check each pass numerically")
     pipeline.add_argument("--strict", action="store_true", help="fail on a pass that fails instead of rolling it back")
 
-    model_help = "zoo:NAME (see `graphopt models`) or path/to/file.py:factory returning (model, example_inputs[, dynamic_shapes])"
+    model_help = (
+        "zoo:NAME (see `graphopt models`), hf:PATH (a local Hugging Face model folder with its tokenizer), "
+        "FILE.pt2 (a torch.export archive) or path/to/file.py:factory returning (model, example_inputs[, dynamic_shapes])"
+    )
+    text_help = "a sentence of an hf:PATH model's example batch (repeatable; default: 8 built-in real sentences)"
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(prog=PROG, description="Verified graph rewrites for PyTorch models.", epilog=_EPILOG, formatter_class=formatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {graphopt.__version__}")
@@ -410,14 +523,29 @@ def build_parser() -> argparse.ArgumentParser:
         "aten_region, example_inputs()).",
     )
     p.add_argument("model", metavar="MODEL", help=model_help)
+    p.add_argument("--text", metavar="TEXT", action="append", default=[], help=text_help)
     p.add_argument("--out", required=True, metavar="DIR", help="a new or empty directory")
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX exports of the graphs before and after")
     p.set_defaults(run=cmd_dump)
 
     p = commands.add_parser("optimize", parents=[common, pipeline], epilog=_EPILOG, formatter_class=formatter, help="optimize a model and print the report")
     p.add_argument("model", metavar="MODEL", help=model_help)
+    p.add_argument("--text", metavar="TEXT", action="append", default=[], help=text_help)
     p.add_argument("--save", metavar="FILE.pt2", help="write a torch.export archive of the result and check it loads")
     p.set_defaults(run=cmd_optimize)
+
+    p = commands.add_parser(
+        "export",
+        parents=[common, pipeline],
+        epilog=_EPILOG,
+        formatter_class=formatter,
+        help="optimize a model and write the optimized graph as an ONNX model",
+        description="Optimizes MODEL, prints the report and writes the optimized graph to --onnx: graphopt:: ops "
+        "become standard ONNX ops or graphopt-domain functions of standard ops; the batch and sequence axes stay dynamic.",
+    )
+    p.add_argument("model", metavar="MODEL", help=model_help)
+    p.add_argument("--onnx", required=True, metavar="FILE.onnx", help="the ONNX file to write")
+    p.set_defaults(run=cmd_export)
 
     p = commands.add_parser(
         "demo",

@@ -14,7 +14,8 @@
         status.txt               instead of after.*: why the pass left the graph as it was
       model_before.onnx          ONNX export of the captured graph (open it in Netron)
       model_after.onnx           ONNX export of the final graph
-      onnx_error.txt             instead of a .onnx file that could not be exported: the reason
+      onnx_error.txt             instead of a .onnx file that could not be exported: the reason, one line
+      model_*.onnx_error.txt     ... and each exporter's whole error (no colour codes) and output
       report.md, report.json     the pipeline report and the list of files
       kernels/                   backends that generate code (``triton``), see :func:`write_kernels`:
         README.md                one row per fused region: kind, ATen ops, kernel file or why ATen runs it
@@ -36,14 +37,11 @@ small box per node (op name and shape) with pydot instead.
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import json
-import logging
 import re
 import shutil
 import subprocess
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -56,7 +54,8 @@ from torch.fx.graph import _custom_builtins, dtype_abbrs
 
 from graphopt.backends import CompiledGraph
 from graphopt.frontends.api import OptimizedModule, optimize
-from graphopt.frontends.capture import normalize_args, one_line
+from graphopt.frontends.capture import normalize_args
+from graphopt.frontends.onnx_export import OnnxExportError, export_onnx
 from graphopt.ir import count_ops, describe_value, get_tensor, op_name
 from graphopt.pipeline.manager import run_graph
 from graphopt.pipeline.pass_base import Pass
@@ -245,48 +244,8 @@ def render_svg(dot_path: Path, svg_path: Path, timeout: float = 120.0) -> bool:
 # ----------------------------------------------------------------------------- ONNX
 
 
-class OnnxExportError(RuntimeError):
-    """Neither ONNX exporter produced a model that passes ``onnx.checker``."""
-
-
-@contextlib.contextmanager
-def _quiet_exporters():
-    """Keep the exporters' warnings and log chatter off the console (failures still raise)."""
-    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript")]
-    levels = [lg.level for lg in loggers]
-    try:
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
-def export_onnx(gm: GraphModule, example_inputs: Any, path: Path, example_kwargs: dict | None = None) -> str:
-    """Export ``gm`` to a single-file ONNX model at ``path`` and check it with ``onnx.checker``.
-
-    Tries the ``torch.export``-based exporter (``dynamo=True``, needs onnxscript) first and the
-    TorchScript exporter second; returns which one worked. Raises :class:`OnnxExportError` with one
-    line per exporter when both fail (nothing is left at ``path`` then). Weights are embedded, so
-    models over ONNX's 2 GB protobuf limit cannot be exported this way.
-    """
-    import onnx
-
-    args, kwargs = normalize_args(example_inputs), dict(example_kwargs or {})
-    reasons = []
-    for exporter, dynamo in (("torch.export-based exporter", True), ("TorchScript exporter", False)):
-        try:
-            with _quiet_exporters(), torch.no_grad():
-                torch.onnx.export(gm, args, str(path), kwargs=kwargs, dynamo=dynamo, external_data=False, verbose=False)
-            onnx.checker.check_model(str(path))
-            return exporter
-        except Exception as e:  # noqa: BLE001 - any failure means: try the next exporter
-            reasons.append(f"{exporter}: {one_line(e, limit=200)}")
-            path.unlink(missing_ok=True)
-    raise OnnxExportError("; ".join(reasons))
+# export_onnx and OnnxExportError live in graphopt.frontends.onnx_export (also behind `graphopt export`
+# and graphopt.save(format="onnx")); they stay importable from here.
 
 
 # ----------------------------------------------------------------------------- generated kernels
@@ -555,7 +514,10 @@ def dump(
             try:
                 onnx_status[file_name] = export_onnx(gm, example_inputs, out / file_name, example_kwargs)
             except OnnxExportError as e:
-                onnx_status[file_name] = f"not exported: {e}"
+                # the one-line reasons in onnx_error.txt, each exporter's whole error beside it
+                details = f"{Path(file_name).stem}.onnx_error.txt"
+                (out / details).write_text(e.details)
+                onnx_status[file_name] = f"not exported: {e} (whole error: {details})"
                 errors.append(f"{file_name}: {e}\n")
         if errors:
             (out / "onnx_error.txt").write_text("".join(errors))

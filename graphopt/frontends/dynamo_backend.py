@@ -141,6 +141,8 @@ class GraphoptBackend:
     ):
         if backend == "inductor" and backend_options:
             raise ValueError("backend_options are not supported for inductor inside torch.compile (it is called as compile_fx)")
+        if isinstance(passes, (str, Pass)):  # one pass (a name is not a list of its characters)
+            passes = [passes]
         self.passes = list(passes) if passes is not None else [p for p in DEFAULT_PASSES if p in available_passes()]
         self.backend = backend
         self.backend_options = dict(backend_options or {})

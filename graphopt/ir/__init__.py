@@ -14,7 +14,9 @@ weight editing and clean-up behave the same everywhere. Two rules the helpers ke
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
+import logging
 import operator
 import warnings
 from typing import Any, Callable, Iterable, Sequence
@@ -44,6 +46,7 @@ __all__ = [
     "op_nodes",
     "only_user",
     "propagate_shapes",
+    "quiet_meta_errors",
     "replace_node",
     "set_tensor",
     "shape_of",
@@ -435,9 +438,29 @@ def propagate_shapes(gm: GraphModule, example_inputs: Sequence[Any] | None = Non
     saved = fake_mode.allow_non_fake_inputs
     fake_mode.allow_non_fake_inputs = True  # get_attr constants are real tensors
     try:
-        FakeTensorProp(gm, mode=fake_mode).propagate_dont_convert_inputs(*vals)
+        with quiet_meta_errors():
+            FakeTensorProp(gm, mode=fake_mode).propagate_dont_convert_inputs(*vals)
     finally:
         fake_mode.allow_non_fake_inputs = saved
+
+
+class _DropMetaFailures(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("failed while attempting to run meta for")
+
+
+@contextlib.contextmanager
+def quiet_meta_errors():
+    """For the duration, drop the traceback torch's fake tensors log (about 40 lines, at ERROR)
+    when an op's shape check fails ("failed while attempting to run meta for aten.mm"). The same
+    error is raised right after, so the log only buries the one clean message the user should see."""
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    drop = _DropMetaFailures()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 def fresh_nodes(before: Iterable[str], gm: GraphModule) -> list[Node]:

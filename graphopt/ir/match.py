@@ -26,6 +26,7 @@ __all__ = [
     "MatmulOperands",
     "VIEW_OPS",
     "broadcasts_to",
+    "identity_view_source",
     "infer_val",
     "is_value_identity",
     "known_true",
@@ -107,6 +108,49 @@ def swaps_last_two(node: Node) -> bool:
         return False
     rank = len(perm)
     return perm == (*range(rank - 2), rank - 1, rank - 2)
+
+
+_RESHAPES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints, aten.unflatten.int)
+
+
+def _same_tensor_type(a: Any, b: Any) -> bool:
+    a, b = val_of(a), val_of(b)
+    return (
+        isinstance(a, torch.Tensor)
+        and isinstance(b, torch.Tensor)
+        and a.dtype == b.dtype
+        and a.device == b.device
+        and same_shape(tuple(a.shape), tuple(b.shape))
+    )
+
+
+def identity_view_source(node: Node) -> Node | None:
+    """The tensor ``node`` is an identity view of, or None.
+
+    ``node`` is one when it is a permutation that keeps every dimension in place, an ``expand`` to
+    the shape its input has, or a reshape (``view``, ``reshape``, ``_unsafe_view``, ``flatten``,
+    ``unflatten``) to the shape of its input or of the tensor a chain of reshapes started from (a
+    reshape of a reshape is a reshape of the first input: the element order never changes). The
+    shapes are compared symbolically, so ``reshape(x, [B, -1, S, D])`` on ``x`` of shape
+    ``[B, H, S, D]`` (SDPA's output in Hugging Face's ``sdpa`` attention) is an identity for every
+    ``B`` and ``S``; a shape that is not provably equal is not an identity.
+    """
+    if not isinstance(node, Node) or node.op != "call_function" or not node.args or not isinstance(node.args[0], Node):
+        return None
+    perm = permutation(node)
+    if perm is not None:
+        return node.args[0] if perm == tuple(range(len(perm))) else None
+    if is_op(node, aten.expand.default):
+        return node.args[0] if _same_tensor_type(node, node.args[0]) else None
+    if not is_op(node, *_RESHAPES):
+        return None
+    source = node.args[0]
+    while True:
+        if _same_tensor_type(node, source):
+            return source
+        if not (is_op(source, *_RESHAPES) and isinstance(source.args[0], Node)):
+            return None
+        source = source.args[0]
 
 
 # ----------------------------------------------------------------------------- value identities

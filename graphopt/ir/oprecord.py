@@ -85,7 +85,13 @@ class OpRecord:
             template's helpers (``row.sum``, ``row.tensor``, ``row.number``, ``row.rms``, ...);
             returns the lines of Triton code assigning ``out``. The output is full rows for a
             ``"norm"`` ``partition_kind`` and one value per row otherwise.
-        onnx: the op's ONNX translation (reserved: no exporter reads it yet).
+        onnx: ``fn() -> translation``: returns the op's ONNX translation for
+            ``torch.onnx.export(..., dynamo=True, custom_translation_table=...)``, a function
+            taking the op's arguments as onnxscript values (standard ONNX ops traced into the
+            graph, or a call of an ``onnxscript`` function of a custom domain). A loader rather
+            than the translation itself so that ``import graphopt`` does not import onnxscript;
+            :mod:`graphopt.frontends.onnx_export` calls it for every overload of the op. ``None``:
+            the op cannot be exported to ONNX.
     """
 
     op: Any

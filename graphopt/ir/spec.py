@@ -24,6 +24,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from graphopt.ir import describe_value, in_place_writes, op_name
+from graphopt.ir.match import identity_view_source
 
 __all__ = ["IRSpecError", "RULES", "Rule", "STAGES", "Violation", "allow_module_calls", "check_ir", "check_ir_enabled", "register_rule", "violations"]
 
@@ -291,3 +292,18 @@ def _fused_forms(gm: GraphModule) -> Iterator[tuple[Node | None, str]]:
             packet = op_name(node.target).rsplit(".", 1)[0]
             if packet in _LOWER_FORMS:
                 yield node, f"is {packet}, a lower form of {_LOWER_FORMS[packet]}"
+
+
+def _no_identity_views(gm: GraphModule) -> Iterator[tuple[Node | None, str]]:
+    for node in gm.graph.nodes:
+        source = identity_view_source(node)
+        if source is not None:
+            yield node, f"{_target_name(node)} returns {source.name} in the shape it already has (an identity view)"
+
+
+register_rule(
+    "no-identity-views",
+    _no_identity_views,
+    doc="no view, reshape, flatten, unflatten, expand or permutation returns its input (or its chain of reshapes' input) in the shape it already has",
+    stages=("canonicalized",),
+)

@@ -40,6 +40,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Sequence
 
@@ -52,6 +54,7 @@ __all__ = [
     "NotApplicable",
     "Pass",
     "PassContext",
+    "PassNameClashError",
     "PassResult",
     "UnknownPassError",
     "available_passes",
@@ -133,7 +136,8 @@ class Pass:
 
     Subclasses implement :meth:`analyze` and :meth:`rewrite` (or, as before, :meth:`applicable`
     and :meth:`run`), keep no state of a run on the instance, and must not modify tensors held by
-    the graph in place (use :func:`graphopt.ir.set_tensor` / ``add_constant``).
+    the graph in place (use :func:`graphopt.ir.set_tensor` / ``add_constant``): the graph before the
+    pass shares them; the pass manager undoes such a write and rolls the pass back.
     """
 
     name: ClassVar[str] = ""
@@ -256,12 +260,44 @@ class UnknownPassError(KeyError):
         return str(self.args[0])
 
 
-def register_pass(cls: type[Pass]) -> type[Pass]:
-    """Class decorator adding a ``Pass`` subclass to the registry under ``cls.name``."""
+def _source_file(cls: type) -> str | None:
+    path = getattr(sys.modules.get(cls.__module__), "__file__", None)
+    return os.path.realpath(path) if path else None
+
+
+class PassNameClashError(ValueError):
+    """:func:`register_pass` was given a name another pass class already holds."""
+
+
+def register_pass(cls: type[Pass] | None = None, *, override: bool = False) -> Any:
+    """Class decorator adding a ``Pass`` subclass to the registry under ``cls.name``.
+
+    Used bare (``@register_pass``), called (``register_pass(cls)``), or with options
+    (``@register_pass(override=True)``, ``register_pass(cls, override=True)``).
+
+    Args:
+        override: replace the pass already registered under the name (a built-in included).
+
+    Raises:
+        PassNameClashError: the name is taken by another class and ``override`` is False.
+            Registering the same class again is a no-op, and so is a class of the same module and
+            qualified name (the same definition run again: a module reloaded or imported under a
+            second name), which replaces the earlier one.
+        TypeError: not a ``Pass`` subclass with a name, or an approximate pass without a budget.
+    """
+    if cls is None:
+        return lambda c: register_pass(c, override=override)
     if not (isinstance(cls, type) and issubclass(cls, Pass)) or not cls.name:
-        raise TypeError("register_pass expects a Pass subclass with a non-empty name")
+        raise TypeError(f"register_pass expects a Pass subclass with a non-empty name, got {getattr(cls, '__name__', cls)!r}")
     if not cls.exact and isinstance(cls.budget, Exact):
         raise TypeError(f"approximate pass {cls.name!r} must declare a fidelity budget")
+    held = _REGISTRY.get(cls.name)
+    same_definition = held is not None and (_source_file(held), held.__qualname__) == (_source_file(cls), cls.__qualname__) and _source_file(cls) is not None
+    if held is not None and held is not cls and not same_definition and not override:
+        raise PassNameClashError(
+            f"a pass named {cls.name!r} is already registered ({held.__module__}.{held.__qualname__}); "
+            f"choose another name for {cls.__qualname__}, or register it with override=True to replace it"
+        )
     _REGISTRY[cls.name] = cls
     return cls
 
@@ -281,7 +317,9 @@ def get_pass(name: str) -> type[Pass]:
 
 
 def make_pass(spec: str | Pass | type[Pass], **options: Any) -> Pass:
-    """A pass instance from a name, a class, or an instance (returned as is)."""
+    """A pass instance from a name, a class, or an instance (returned as is).
+
+    The pass manager further refuses a pass without a name, or approximate without a budget."""
     if isinstance(spec, Pass):
         return spec
     if isinstance(spec, type) and issubclass(spec, Pass):

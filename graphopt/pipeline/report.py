@@ -13,12 +13,17 @@ from typing import Any, Callable
 
 from tabulate import tabulate
 
-__all__ = ["APPLIED", "NOT_APPLICABLE", "ROLLED_BACK", "UNCHANGED", "PassRecord", "Report", "one_line"]
+__all__ = ["APPLIED", "NOT_APPLICABLE", "ROLLED_BACK", "UNCHANGED", "BudgetWarning", "PassRecord", "Report", "one_line"]
 
 APPLIED = "applied"
 UNCHANGED = "unchanged"
 NOT_APPLICABLE = "not applicable"
 ROLLED_BACK = "rolled back"
+
+
+class BudgetWarning(UserWarning):
+    """The end-to-end error of a pipeline is over the combined budget of its applied passes
+    (each pass was within its own budget; together they drift). Also listed in ``Report.warnings``."""
 
 
 def one_line(exc: BaseException, limit: int = 300) -> str:
@@ -78,6 +83,8 @@ class Report:
     records: list[PassRecord] = field(default_factory=list)
     capture: str = ""
     final: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    """Problems of the run as a whole, one sentence each (e.g. an end-to-end error over the combined budget)."""
 
     def record(self, name: str) -> PassRecord:
         """The record of the pass called ``name`` (KeyError if it was not in the pipeline)."""
@@ -122,6 +129,7 @@ class Report:
         lines = [head, self.table()]
         if self.final:
             lines.append("end to end: " + ", ".join(f"{k}={v}" for k, v in self.final.items()))
+        lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
     def to_markdown(self) -> str:
@@ -131,10 +139,18 @@ class Report:
         parts.append(self.table("github") if self.records else "(no passes)")
         if self.final:
             parts += ["", "End to end: " + ", ".join(f"{k} = {v}" for k, v in self.final.items())]
+        if self.warnings:
+            parts += ["", *(f"**Warning:** {w}" for w in self.warnings)]
         return "\n".join(parts) + "\n"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "capture": self.capture, "final": self.final, "records": [_record_data(r) for r in self.records]}
+        return {
+            "model": self.model,
+            "capture": self.capture,
+            "final": self.final,
+            "warnings": list(self.warnings),
+            "records": [_record_data(r) for r in self.records],
+        }
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, default=str)

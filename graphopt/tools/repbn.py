@@ -53,10 +53,11 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 from torch.fx import GraphModule, Node
+from torch.utils import _pytree as pytree
 
 from graphopt import ir
 from graphopt.frontends.api import OptimizedModule, optimize
-from graphopt.frontends.capture import normalize_args
+from graphopt.frontends.capture import inference_view, normalize_args
 from graphopt.passes.fold_repbn import FoldRepBN
 from graphopt.passes.layernorm_to_repbn import (
     ARGUMENTS,
@@ -68,9 +69,10 @@ from graphopt.passes.layernorm_to_repbn import (
     prepbn_nodes,
     repbn_scale_shift,
 )
-from graphopt.pipeline.manager import PassManager
+from graphopt.pipeline.manager import PassManager, run_graph
 from graphopt.pipeline.pass_base import make_pass
 from graphopt.pipeline.report import APPLIED, Report
+from graphopt.pipeline.verify import Exact, MinCosine, compare
 from graphopt.tools.distill import (
     DistillConfig,
     DistillHistory,
@@ -115,14 +117,17 @@ class RepBNModel(nn.Module):
         graph_module: the rewritten graph (PRepBN nodes are ``call_module`` nodes).
         report: the report of :func:`graphopt.optimize` that built it.
         example_inputs, example_kwargs: the capture's example, reused by :func:`finalize` to verify.
+        original_outputs: the original model's outputs on that example (taken by :func:`prepare`),
+            against which :func:`finalize` reports the end-to-end error; None when not known.
     """
 
-    def __init__(self, graph_module: GraphModule, report: Report, example_inputs: tuple, example_kwargs: dict):
+    def __init__(self, graph_module: GraphModule, report: Report, example_inputs: tuple, example_kwargs: dict, original_outputs: Any = None):
         super().__init__()
         self.graph_module = graph_module
         self.report = report
         self.example_inputs = example_inputs
         self.example_kwargs = example_kwargs
+        self.original_outputs = original_outputs
         self.train(graph_module.training)
 
     def norms(self) -> dict[str, PRepBN]:
@@ -155,7 +160,7 @@ def prepare(
     example_inputs: Any,
     *,
     example_kwargs: dict | None = None,
-    dynamic_shapes: Any = None,
+    dynamic_shapes: Any = "auto",
     layers: Sequence[int] | None = None,
     pattern: str | None = None,
     schedule: Callable[[float], float] = linear_schedule,
@@ -169,7 +174,8 @@ def prepare(
 
     Args:
         model, example_inputs, example_kwargs, dynamic_shapes: as for :func:`graphopt.optimize`.
-            Give ``dynamic_shapes`` to train on batches of other sizes than the example's.
+            By default batch and sequence dims are dynamic where the model allows it, so
+            :func:`distill` may train on batches of other sizes than the example's.
         layers: indices of the ``aten.layer_norm`` nodes to replace, in graph order (negative
             indices count from the end); None for all.
         pattern: a regular expression searched in each LayerNorm's weight name, module path
@@ -207,7 +213,11 @@ def prepare(
         for name, param in gm.named_parameters():
             if re.search(frozen, name):
                 param.requires_grad_(False)
-    return RepBNModel(gm, opt.report, args, kwargs)
+    # finalize reports the error of the inference graph against *this* model, which it never sees:
+    # keep its outputs on the example (computed as capture sees the model: eval mode, no cache)
+    with inference_view(model), torch.no_grad():
+        original_outputs = pytree.tree_map(lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v, model(*args, **kwargs))
+    return RepBNModel(gm, opt.report, args, kwargs, original_outputs)
 
 
 # ----------------------------------------------------------------------------- recovery
@@ -407,7 +417,9 @@ def finalize(model: RepBNModel) -> OptimizedModule:
     linear's only reader, else kept as ``x·(s + η) + t`` (one ``mul``, one ``add``). Runs as an
     exact pass under :class:`graphopt.PassManager`, so the result is checked against the model on
     its example inputs; ``report.record("fold_repbn")`` counts each outcome and names the norms
-    kept, with why.
+    kept, with why. ``report.final`` gives the end-to-end error against the original model (the one
+    given to :func:`prepare`, on its example inputs: ``"error vs original"``, ``"cosine vs original"``)
+    and against the student (``"error vs RepBN student"``, the fold's own exactness).
 
     The model is not changed (the result holds copies of its tensors, without gradients).
 
@@ -429,4 +441,16 @@ def finalize(model: RepBNModel) -> OptimizedModule:
     gm, report = PassManager([FoldRepBN()], strict=True).run(gm, model.example_inputs, model.example_kwargs, report)
     gm.delete_all_unused_submodules()
     gm.recompile()
+    # the manager compared with the graph it was given, the RepBN student; what the user wants to
+    # know is the error against their original model (what prepare was given)
+    vs_student = report.final.pop("error vs original", None)
+    if model.original_outputs is not None:
+        cpu = lambda v: v.detach().cpu() if isinstance(v, torch.Tensor) else v  # noqa: E731 - the student may have moved
+        outputs = pytree.tree_map(cpu, run_graph(gm, model.example_inputs, model.example_kwargs))
+        original = pytree.tree_map(cpu, model.original_outputs)
+        error, cosine = compare(outputs, original, Exact()), compare(outputs, original, MinCosine(0.0))
+        report.final["error vs original"] = f"{error.metric} {error.value:.2e} (against the model given to prepare)"
+        report.final["cosine vs original"] = f"{cosine.value:.5f} (mean row cosine, worst output)"
+    if vs_student is not None:
+        report.final["error vs RepBN student"] = vs_student
     return OptimizedModule(gm, gm, report, "eager")

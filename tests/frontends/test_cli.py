@@ -77,7 +77,45 @@ def factories(tmp_path_factory):
     folder = tmp_path_factory.mktemp("factories")
     (folder / "models.py").write_text(FACTORIES)
     (folder / "bad_syntax.py").write_text("def build(:\n")
+    (folder / "bad_config").mkdir()
+    (folder / "bad_config" / "config.json").write_text("{}")
+    (folder / "corrupt.pt2").write_text("not a zip archive")
+    program = torch.export.export(torch.nn.Linear(4, 3), (torch.randn(2, 4),))
+    program.example_inputs = None  # as in archives written by older torch versions
+    torch.export.save(program, str(folder / "no_examples.pt2"))
     return folder
+
+
+def _save_tiny_bert(folder: Path, *, tokenizer: bool = True) -> Path:
+    """A random-init 2-layer BERT (transformers' default attention) and MiniLM's real tokenizer, saved as users save them."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    minilm_tokenizer = AutoTokenizer.from_pretrained(zoo.minilm_dir(), local_files_only=True)
+    config = BertConfig(
+        vocab_size=minilm_tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        BertModel(config).save_pretrained(folder)
+    if tokenizer:
+        minilm_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def hf_bert(tmp_path_factory):
+    return _save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
+
+
+def _hf_reference(folder: Path):
+    from transformers import AutoModel, AutoTokenizer
+
+    return AutoModel.from_pretrained(folder, local_files_only=True).eval(), AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
 
 def _node_names(graph_text: str) -> set[str]:
@@ -188,6 +226,86 @@ def test_optimize_save_then_load_the_archive(tmp_path):
             assert_close(loaded(images), entry.model(images))
 
 
+def test_dump_hf_folder_canonicalize(tmp_path, hf_bert):
+    out = tmp_path / "dump"
+    result = ok(graphopt_cli("dump", f"hf:{hf_bert}", "--passes", "canonicalize", "--out", out, "--no-onnx"))
+    assert f"loaded hf:{hf_bert}: BertModel (bert, " in result.stderr and "sdpa attention" in result.stderr
+    captured = (out / "00_captured.txt").read_text()
+    assert captured.startswith(f"# captured hf:{hf_bert}")
+    assert "encoder.layer.1" in captured and "scaled_dot_product_attention" in captured  # the default (SDPA) model
+    # 8 built-in sentences padded to the longest, captured with symbolic batch and sequence dims
+    assert re.search(r"^input_ids: i64\[s\d+, s\d+\] = input$", captured, flags=re.M)
+    assert "canonicalize" in (out / "report.md").read_text()
+    assert (out / "01_canonicalize" / "after.txt").is_file() or (out / "01_canonicalize" / "status.txt").is_file()
+
+
+def test_optimize_hf_folder_remove_padding_then_the_archive_matches_the_model(tmp_path, hf_bert):
+    path = tmp_path / "bert.pt2"
+    result = ok(graphopt_cli("optimize", f"hf:{hf_bert}", "--passes", "remove_padding", "--save", path, "-q"))
+    assert re.search(r"^remove_padding +exact +applied ", result.stdout, flags=re.M) and f"saved {path} (" in result.stdout
+
+    model, tokenizer = _hf_reference(hf_bert)
+    program = torch.export.load(str(path))
+    (ids, mask), kwargs = program.example_inputs
+    expected_ids, expected_mask = zoo.tokenize(tokenizer, zoo.real_sentences(8))
+    assert not kwargs and torch.equal(ids, expected_ids) and torch.equal(mask, expected_mask)
+    loaded = program.module()
+    # the example batch, and another batch size and length (the archive kept the dims dynamic)
+    for batch in ((ids, mask), zoo.tokenize(tokenizer, zoo.real_sentences(11)[8:])):
+        with torch.no_grad():
+            ours, theirs = loaded(*batch), model(*batch)
+        valid = batch[1].bool()  # padded positions hold nothing a user reads
+        assert_close(ours.last_hidden_state[valid], theirs.last_hidden_state[valid])
+        assert_close(ours.pooler_output, theirs.pooler_output)
+
+
+def test_hf_text_makes_the_example_batch(tmp_path, hf_bert):
+    texts = ["A short one.", "This second sentence is a good deal longer than the first one."]
+    path = tmp_path / "bert.pt2"
+    args = ["optimize", f"hf:{hf_bert}", "--passes", "canonicalize", "--text", texts[0], "--text", texts[1], "--save", path, "-q"]
+    ok(graphopt_cli(*args))
+    (ids, mask), _ = torch.export.load(str(path)).example_inputs
+    _, tokenizer = _hf_reference(hf_bert)
+    expected_ids, expected_mask = zoo.tokenize(tokenizer, texts)
+    assert ids.shape[0] == 2 and torch.equal(ids, expected_ids) and torch.equal(mask, expected_mask)
+
+
+def test_dump_of_a_pt2_saved_by_optimize(tmp_path):
+    path = tmp_path / "convnet.pt2"
+    ok(graphopt_cli("optimize", "zoo:convnet-bn", "--passes", "canonicalize", "--save", path, "-q"))
+    out = tmp_path / "dump"
+    result = ok(graphopt_cli("dump", path, "--passes", "fold_batchnorm", "--out", out, "--no-onnx"))
+    assert f"loaded {path}: a torch.export program, 1 input" in result.stderr
+    assert "fold_batchnorm" in result.stdout and "applied" in result.stdout
+    captured = (out / "00_captured.txt").read_text()
+    # the archive's dynamic batch stays dynamic; the other dims are the stored example's
+    assert re.search(r"^x: f32\[s\d+, 3, 32, 32\] = input$", captured, flags=re.M), captured
+    before, after = (out / "01_fold_batchnorm" / "before.txt").read_text(), (out / "01_fold_batchnorm" / "after.txt").read_text()
+    assert before.count("aten.batch_norm.default(") == 7 and "batch_norm" not in after
+
+
+def test_dump_of_an_hf_pt2_archive(tmp_path, hf_bert):
+    path = tmp_path / "bert.pt2"
+    ok(graphopt_cli("optimize", f"hf:{hf_bert}", "--passes", "canonicalize", "--save", path, "-q"))
+    out = tmp_path / "dump"
+    ok(graphopt_cli("dump", path, "--passes", "remove_padding", "--out", out, "--no-onnx", "-q"))
+    # the reloaded program is a graph the passes work on: remove_padding packs the tokens of the default (SDPA) BERT
+    assert re.search(r"^\| remove_padding \| exact +\| applied ", (out / "report.md").read_text(), flags=re.M)
+    after = (out / "02_remove_padding" / "after.txt").read_text()
+    assert after.count("graphopt.pack_tokens") == 1 and after.count("graphopt.varlen_attention") == 2  # one per layer
+    assert "scaled_dot_product_attention" not in after
+    assert re.search(r"^input_ids: i64\[s\d+, s\d+\] = input$", (out / "00_captured.txt").read_text(), flags=re.M)
+
+
+def test_hf_folder_without_a_tokenizer_is_one_line(tmp_path):
+    folder = _save_tiny_bert(tmp_path / "no_tokenizer", tokenizer=False)
+    result = graphopt_cli("optimize", f"hf:{folder}", "--passes", "canonicalize")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert lines[-1].startswith(f"graphopt: error: {folder} has no tokenizer: ") and "tokenizer.json" in lines[-1]
+    assert not [line for line in lines if line.startswith("graphopt: error")][:-1]
+
+
 ERRORS = [  # (arguments, exit status, what the one line says); {f} is the factory folder
     (["optimize", "zoo:convnet-bn", "--passes", "fold_batchnorn"], 2, "unknown pass 'fold_batchnorn'; did you mean fold_batchnorm?"),
     (["optimize", "zoo:resnet9000"], 2, "unknown zoo model 'resnet9000'"),
@@ -204,6 +322,19 @@ ERRORS = [  # (arguments, exit status, what the one line says); {f} is the facto
     (["optimize", "{f}/models.py:broken"], 1, "{f}/models.py:broken() raised ValueError: weights not found"),
     (["optimize", "{f}/models.py:data_dependent", "--passes", "fold_batchnorm", "-q"], 1, "cannot capture DataDependent"),
     (["dump", "zoo:convnet-bn", "--out", "{f}/models.py"], 2, "--out {f}/models.py exists and is not a directory"),
+    (["optimize", "hf:{f}/nowhere", "-q"], 2, "no such folder: {f}/nowhere"),
+    (["optimize", "hf:{f}", "-q"], 2, "{f} is not a Hugging Face model folder: it has no config.json"),
+    (["optimize", "hf:{f}/bad_config", "-q"], 2, "transformers cannot load the model in {f}/bad_config: ValueError: "),
+    (["optimize", "hf:{f}/models.py", "-q"], 2, "{f}/models.py is a file, not a Hugging Face model folder"),
+    (
+        ["optimize", "{f}/bad_config", "-q"],
+        2,
+        "MODEL must be zoo:NAME or path/to/file.py:factory, got '{f}/bad_config' (or hf:PATH, FILE.pt2); for the Hugging Face model in that folder, give hf:{f}/bad_config",
+    ),
+    (["optimize", "zoo:convnet-bn", "--text", "hello", "-q"], 2, "--text builds the example inputs of an hf:PATH model; 'zoo:convnet-bn' brings its own"),
+    (["optimize", "{f}/missing.pt2", "-q"], 2, "no such file: {f}/missing.pt2"),
+    (["dump", "{f}/corrupt.pt2", "--out", "{f}/corrupt_dump", "-q"], 1, "cannot load {f}/corrupt.pt2: "),
+    (["optimize", "{f}/no_examples.pt2", "-q"], 1, "{f}/no_examples.pt2 stores no example inputs to capture and verify it with"),
 ]
 
 
@@ -222,6 +353,15 @@ ERRORS = [  # (arguments, exit status, what the one line says); {f} is the facto
         "factory-raises",
         "capture-fails",
         "bad-out",
+        "hf-missing-folder",
+        "hf-not-a-model-folder",
+        "hf-config-transformers-rejects",
+        "hf-a-file",
+        "hf-folder-without-prefix",
+        "text-for-a-non-hf-model",
+        "pt2-missing",
+        "pt2-corrupt",
+        "pt2-without-example-inputs",
     ],
 )
 def test_errors_are_one_line_without_traceback(factories, args, status, message):

@@ -354,7 +354,7 @@ def test_rewrites_what_it_can_and_reports_the_rest():
         return _attend(q @ k.transpose(-2, -1) * SCALE, v), kept @ v, kept
 
     opt, record = run_pass("canonicalize", Fn(fn), _qkv(0), strict=True)
-    assert record.status == APPLIED and record.stats == {"attention": 1, "layer_norm": 0, "rms_norm": 0}
+    assert record.status == APPLIED and record.stats == {"attention": 1, "layer_norm": 0, "rms_norm": 0, "identity_views": 0}
     assert record.reason == "left alone: softmax: the attention probabilities (softmax) have 2 users: matmul_3, output"
     assert count_ops(opt.graph_module)[SDPA] == 1 and count_ops(opt.graph_module)["aten.softmax.int"] == 1
 
@@ -363,7 +363,7 @@ def test_not_applicable_without_attention_or_norm():
     mlp = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8)).eval()
     _, record = run_pass("canonicalize", mlp, (torch.randn(2, 8),))
     assert record.status == NOT_APPLICABLE
-    assert record.reason == "no explicit attention or normalization formula in the graph"
+    assert record.reason == "no explicit attention or normalization formula and no identity view in the graph"
 
 
 # ----------------------------------------------------------------------------- norms
@@ -416,7 +416,7 @@ def test_layer_norm_formulas(form, eps, weight, bias):
     x0, x1 = torch.randn(2, 5, 16) * 3 + 1, torch.randn(2, 5, 16)
     opt, ln = _assert_norm(model, x0, x1, torch.ops.aten.layer_norm.default)
     assert ln.args[4] == eps and (ln.args[2] is not None) == weight and (ln.args[3] is not None) == bias
-    assert opt.report.record("canonicalize").stats == {"attention": 0, "layer_norm": 1, "rms_norm": 0}
+    assert opt.report.record("canonicalize").stats == {"attention": 0, "layer_norm": 1, "rms_norm": 0, "identity_views": 0}
 
 
 class RMSNormFormula(nn.Module):
@@ -485,9 +485,10 @@ def test_norm_near_misses_are_left_alone_with_a_reason(case):
 # ----------------------------------------------------------------------------- zoo models
 
 
-def _zoo_equivalence(entry, other_inputs, attention, layer_norm=0, rms_norm=0):
+def _zoo_equivalence(entry, other_inputs, attention, layer_norm=0, rms_norm=0, identity_views=0):
     opt = _assert_attention(entry.model, entry.example_inputs, other_inputs, n=attention)
-    assert opt.report.record("canonicalize").stats == {"attention": attention, "layer_norm": layer_norm, "rms_norm": rms_norm}
+    stats = {"attention": attention, "layer_norm": layer_norm, "rms_norm": rms_norm, "identity_views": identity_views}
+    assert opt.report.record("canonicalize").stats == stats
     return opt
 
 
@@ -509,31 +510,63 @@ def test_minilm_eager_real_sentences():
     entry = zoo.load("minilm", attn_implementation="eager")
     width = entry.example_inputs[0].shape[1]
     other = zoo.tokenize(entry.tokenizer, zoo.real_sentences(16)[8:], pad_to=width)
-    opt = _zoo_equivalence(entry, other, attention=6)
+    opt = _zoo_equivalence(entry, other, attention=6, identity_views=8)
     with torch.no_grad():
         embeddings, reference = opt(*other), entry.model(*other)
     assert_close(embeddings, reference, max_rel_err=1e-5)
     assert zoo.cosine_similarity_rows(embeddings, reference).min() > 1 - 1e-6
 
 
-def test_minilm_with_sdpa_has_nothing_to_do():
-    entry = zoo.load("minilm", attn_implementation="sdpa")
-    _, record = run_pass("canonicalize", entry.model, entry.example_inputs)
-    assert record.status == NOT_APPLICABLE
-    assert record.reason == "no explicit attention or normalization formula in the graph"
+def test_minilm_sdpa_and_eager_canonicalize_to_the_same_graph():
+    """The model as users load it (SDPA) has only identity reshapes of SDPA's output to clean up;
+    after that, it and the written-out form differ only in how the mask is spelled."""
+    sdpa, eager = zoo.load("minilm"), zoo.load("minilm-eager")
+    graphs = {}
+    for entry, attention in ((sdpa, 0), (eager, 6)):
+        opt = graphopt.optimize(entry.model, ["canonicalize"], entry.example_inputs, dynamic_shapes=entry.dynamic_shapes, strict=True)
+        record = opt.report.record("canonicalize")
+        assert record.status == APPLIED and record.stats == {"attention": attention, "layer_norm": 0, "rms_norm": 0, "identity_views": 8}
+        graphs[entry.name] = count_ops(opt.graph_module)
+        with torch.no_grad():
+            assert_close(opt(*entry.example_inputs), entry.model(*entry.example_inputs), max_rel_err=1e-5)
+        again, report = graphopt.PassManager(["canonicalize"], strict=True).run(opt.graph_module, entry.example_inputs)
+        assert report.record("canonicalize").status == NOT_APPLICABLE  # a fixed point
+    ops, eager_ops = graphs["minilm"], graphs["minilm-eager"]
+    assert ops[SDPA] == eager_ops[SDPA] == 6
+    assert ops["aten.contiguous.default"] == eager_ops["aten.contiguous.default"] == 0
+    # the eager path spells its mask as an additive float (zeros + where); every other op is the same
+    differ = {op for op in set(ops) | set(eager_ops) if ops[op] != eager_ops[op]}
+    assert differ == {"aten.where.ScalarOther", "aten.zeros.default"}
 
 
-@pytest.mark.parametrize(("name", "rms_norm"), [("gpt2-tiny", 0), ("llama-tiny", 5)])
-def test_causal_decoders_eager(name, rms_norm):
+def test_identity_views_go_and_reshapes_read_through_contiguous():
+    def merge_heads(q, k, v):
+        b, h, s, d = q.shape
+        out = F.scaled_dot_product_attention(q, k, v).reshape(b, -1, s, d).view(b, h, s * d).view(b, h, s, d)
+        return out.transpose(1, 2).contiguous().view(b, s, h * d)
+
+    dims = (({0: torch.export.Dim.AUTO, 2: torch.export.Dim.AUTO},) * 3,)  # Fn takes *args
+    opt, record = run_pass("canonicalize", Fn(merge_heads), _qkv(0), dynamic_shapes=dims, strict=True)
+    assert record.status == APPLIED and record.stats["identity_views"] == 3  # two identities, one contiguous
+    ops = count_ops(opt.graph_module)
+    assert ops["aten.contiguous.default"] == 0 and ops["aten.view.default"] == 0
+    assert ops["aten.reshape.default"] == 1 and ops["aten.transpose.int"] == 1
+    other = tuple(torch.randn(3, H, 7, D) for _ in range(3))
+    with torch.no_grad():
+        assert_close(opt(*other), merge_heads(*other))
+
+
+@pytest.mark.parametrize(("name", "rms_norm", "identity_views"), [("gpt2-tiny", 0, 3), ("llama-tiny", 5, 3)])
+def test_causal_decoders_eager(name, rms_norm, identity_views):
     entry = zoo.load(name, attn_implementation="eager")
     entry.model.config.use_cache = False  # the captured graph has no KV cache; compare like with like
-    _zoo_equivalence(entry, (_other_tokens(entry, 1000),), attention=2, rms_norm=rms_norm)
+    _zoo_equivalence(entry, (_other_tokens(entry, 1000),), attention=2, rms_norm=rms_norm, identity_views=identity_views)
 
 
 def test_vit_small_eager():
     entry = zoo.load("vit-s", attn_implementation="eager", image_size=32, num_hidden_layers=2)
     other = torch.randn(entry.example_inputs[0].shape, generator=torch.Generator().manual_seed(7))
-    _zoo_equivalence(entry, (other,), attention=2)
+    _zoo_equivalence(entry, (other,), attention=2, identity_views=3)
 
 
 def test_running_twice_finds_nothing_left():

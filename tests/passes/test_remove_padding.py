@@ -186,3 +186,68 @@ def test_not_applicable_when_the_output_is_pooled_over_pads():
             return self.encoder(ids, mask).amax(dim=1)  # reads pad positions: their zeros would change the max
 
     assert_not_applicable(RemovePadding(), MaxPooled().eval(), _encoder_inputs(), reason_contains="amax")
+
+
+class _FusedQKV(nn.Module):
+    """One projection for Q, K and V, split by ``chunk``, ``split`` or ``unflatten``, or (``flat``) run on the
+    tokens flattened to ``[B*S, H]`` and viewed back; the sizes come from ``x.shape``."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.embed = nn.Embedding(100, 16)
+        self.qkv = nn.ModuleList(nn.Linear(16, 48) for _ in range(2))
+        self.out = nn.Linear(16, 16)
+
+    def forward(self, ids, mask):
+        x = self.embed(ids)
+        for qkv in self.qkv:
+            b, s, _ = x.shape
+            if self.how == "flat":
+                y = qkv(x.reshape(b * s, 16)).view(b, s, 48)
+            else:
+                y = qkv(x)
+            if self.how == "unflatten":  # [B, S, 3, H, D] -> [3, B, H, S, D] -> q, k, v
+                q, k, v = y.unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4).unbind(0)
+            else:
+                q, k, v = y.split(16, dim=2) if self.how == "split" else y.chunk(3, dim=-1)
+                q, k, v = (t.reshape(b, s, 2, 8).transpose(1, 2) for t in (q, k, v))
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.bool()[:, None, None, :])
+            x = x + self.out(o.transpose(1, 2).reshape(b, s, 16))
+        return x
+
+
+@pytest.mark.parametrize("how", ["chunk", "split", "unflatten", "flat"])
+def test_fused_qkv_is_followed(how):
+    model, (ids, mask) = _FusedQKV(how).eval(), _encoder_inputs()
+    optimized = graphopt.optimize(model, ["canonicalize", RemovePadding()], (ids, mask), dynamic_shapes=TOKEN_DIMS, strict=True)
+    assert optimized.report.record("remove_padding").status == APPLIED
+    ops = count_ops(optimized.graph_module)
+    assert ops[VARLEN] == 2 and ops[SDPA] == 0 and ops[PACK] == 1
+    other_ids, other_mask = _mixed_batch([2, 7, 1, 5], 7, seed=2)
+    with torch.no_grad():
+        out, ref = optimized(other_ids, other_mask), model(other_ids, other_mask)
+    valid = other_mask.bool()
+    assert_close(out[valid], ref[valid])
+
+
+def test_transformer_encoder_key_padding_mask_is_recognised():
+    """nn.TransformerEncoder's key-padding mask (masked_fill_ on a fresh zeros_like) is a padding
+    mask; what still stops the pass is nn.MultiheadAttention's in-projection, laid out
+    sequence-first and reshuffled (unsqueeze, transpose, squeeze) before the heads are merged into
+    the batch dimension, and the reason names the first op it cannot follow."""
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(100, 16)
+            layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+            self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+
+        def forward(self, ids, mask):
+            return self.encoder(self.embed(ids), src_key_padding_mask=mask == 0)
+
+    record = assert_not_applicable(
+        RemovePadding(), Encoder().eval(), _encoder_inputs(), reason_contains="unsqueeze (aten.unsqueeze.default)", dynamic_shapes=TOKEN_DIMS
+    )
+    assert "masked_fill_" not in record.reason and "not token-wise" in record.reason

@@ -8,7 +8,7 @@ from torch import nn
 import graphopt
 from graphopt import ir
 from graphopt.passes.layernorm_to_repbn import prepbn_nodes
-from graphopt.testing import assert_close
+from graphopt.testing import assert_close, rel_err
 from graphopt.tools import repbn, zoo
 
 
@@ -176,3 +176,49 @@ def test_original_model_untouched():
     assert all(p.requires_grad and p.grad is None for p in model.parameters())
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_distill_on_other_batch_sizes_and_lengths_by_default(preln_tiny):
+    # prepare captures batch and sequence dims dynamic by default (Dim.AUTO), so batches need not
+    # have the example's shape; captured static, the attention's head-split view failed on the
+    # second batch ("shape '[2, 16, 4, 16]' is invalid").
+    ids, mask = preln_tiny.example_inputs
+    batches = [(ids, mask), (ids[:1].repeat(3, 1), mask[:1].repeat(3, 1)), (ids[:, :9], mask[:, :9])]
+    student = repbn.prepare(preln_tiny.model, batches[0])
+    history = repbn.distill(student, preln_tiny.model, batches, 6, lr=1e-3, hold_steps=2)
+    assert len(history.loss) == 6 and all(loss == loss for loss in history.loss)  # no NaN
+    fast = repbn.finalize(student)
+    other = (ids[:1].repeat(5, 1)[:, :12], mask[:1].repeat(5, 1)[:, :12])
+    assert_close(fast(*other), student(*other))
+
+
+def test_finalize_reports_the_error_against_the_original_model():
+    # The fold is exact, so an error measured against the RepBN student says nothing of the
+    # function the user started from; the report's "error vs original" is against the model given
+    # to prepare (here 2 steps of distillation leave it far from the original).
+    model = ThreeNorms().eval()
+    batches = [(inputs(4, 5, 16, seed=s),) for s in range(2)]
+    student = repbn.prepare(model, batches[0])
+    repbn.distill(student, model, batches, 2, lr=1e-2)
+    fast = graphopt.finalize(student)
+    with torch.no_grad():
+        expected, got = model(*batches[0]), fast(*batches[0])
+    error = rel_err(got, expected)
+    assert error > 1e-3  # far from the student's exactness: the two measures differ
+    assert fast.report.final["error vs original"].startswith(f"rel_err {error:.2e} ")
+    cosine = torch.nn.functional.cosine_similarity(got.double(), expected.double(), dim=-1).mean().item()
+    assert fast.report.final["cosine vs original"].startswith(f"{cosine:.5f} ")
+    vs_student = float(fast.report.final["error vs RepBN student"].split()[1])
+    assert vs_student <= 1e-5
+
+
+def test_finalized_model_saves_and_loads_at_another_batch(preln_tiny, tmp_path):
+    # finalize's module carries no capture spec: save takes the dynamic dims from its graph
+    student = repbn.prepare(preln_tiny.model, preln_tiny.example_inputs)
+    student.set_progress(1.0)
+    fast = repbn.finalize(student)
+    path = tmp_path / "final.pt2"
+    graphopt.save(fast, str(path), preln_tiny.example_inputs)
+    ids, mask = preln_tiny.example_inputs
+    other = (ids[:1].repeat(3, 1)[:, :10], mask[:1].repeat(3, 1)[:, :10])
+    assert_close(graphopt.load(str(path))(*other), fast(*other))

@@ -13,7 +13,8 @@ from graphopt.testing import assert_close
 
 # vit-s at full size is slow to export; tests use a small variant unless stated.
 SMALL_OVERRIDES = {"vit-s": {"image_size": 64, "num_hidden_layers": 2}}
-RANDOM_INIT = [n for n in zoo.list_models() if n != "minilm"]
+REAL_WEIGHTS = ("minilm", "minilm-eager")
+RANDOM_INIT = [n for n in zoo.list_models() if n not in REAL_WEIGHTS]
 EXPORTABLE = [n for n in zoo.list_models() if n not in ("gpt2-tiny", "llama-tiny")]
 HF_MODELS = ["minilm", "bert-base", "gpt2-tiny", "llama-tiny", "vit-s"]
 HAS_SENTENCE_TRANSFORMERS = importlib.util.find_spec("sentence_transformers") is not None
@@ -43,7 +44,7 @@ def _call_targets(exported) -> set[str]:
 def test_registry_is_consistent():
     names = zoo.list_models()
     assert names == list(zoo.MODELS)
-    assert set(names) == {"minilm", "bert-base", "gpt2-tiny", "llama-tiny", "vit-s", "convnet-bn", "preln-tiny"}
+    assert set(names) == {"minilm", "minilm-eager", "bert-base", "gpt2-tiny", "llama-tiny", "vit-s", "convnet-bn", "preln-tiny"}
     assert all(desc and "\n" not in desc for desc in zoo.MODELS.values())
 
 
@@ -75,7 +76,7 @@ def test_loads_and_runs(name):
     assert isinstance(entry.example_inputs, tuple)
     if entry.dynamic_shapes is not None:
         assert len(entry.dynamic_shapes) == len(entry.example_inputs)
-    assert (entry.tokenizer is not None) == (name == "minilm")
+    assert (entry.tokenizer is not None) == (name in REAL_WEIGHTS)
     out = _run(entry)
     assert out.is_floating_point() and torch.isfinite(out).all()
 
@@ -124,8 +125,10 @@ def test_vit_s_full_size_forward():
 
 
 def test_minilm_attn_implementation_switches_graph():
-    default = _load("minilm", attn_implementation="sdpa")
-    eager = _load("minilm")  # minilm defaults to the explicit (eager) attention
+    default = _load("minilm")  # as users load it: transformers' default, SDPA
+    eager = _load("minilm-eager")  # the explicit attention
+    assert default.model.bert.config._attn_implementation == "sdpa"
+    assert _load("minilm", attn_implementation="eager").model.bert.config._attn_implementation == "eager"
     default_ops = _call_targets(torch.export.export(default.model, default.example_inputs, strict=False))
     eager_ops = _call_targets(torch.export.export(eager.model, eager.example_inputs, strict=False))
     assert "aten.scaled_dot_product_attention.default" in default_ops
@@ -252,3 +255,85 @@ def test_embedding_comparisons():
     assert zoo.nearest_neighbour_agreement(a, swapped) < 1.0
     with pytest.raises(ValueError):
         zoo.cosine_similarity_rows(a, a[:4])
+
+
+# ---------------------------------------------------------------- users' Hugging Face folders
+
+
+def _save_tiny_bert(folder, *, tokenizer: bool = True):
+    """A random-init 2-layer BERT (default attention) and, if asked, MiniLM's real tokenizer, saved into ``folder``."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    minilm_tokenizer = AutoTokenizer.from_pretrained(zoo.minilm_dir(), local_files_only=True)
+    config = BertConfig(
+        vocab_size=minilm_tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        BertModel(config).save_pretrained(folder)
+    if tokenizer:
+        minilm_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def hf_bert(tmp_path_factory):
+    return _save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
+
+
+def test_load_hf_is_the_model_as_users_load_it(hf_bert):
+    from transformers import AutoModel, AutoTokenizer
+
+    entry = zoo.load_hf(hf_bert)
+    assert entry.name == f"hf:{hf_bert}" and entry.kind == "encoder" and str(hf_bert) in entry.description
+    assert not entry.model.training
+    assert entry.model.config._attn_implementation == "sdpa"  # transformers' default, not forced to eager
+    reference = AutoModel.from_pretrained(hf_bert, local_files_only=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(hf_bert, local_files_only=True)
+    ids, mask = entry.example_inputs
+    expected_ids, expected_mask = zoo.tokenize(tokenizer, zoo.real_sentences(8))
+    assert torch.equal(ids, expected_ids) and torch.equal(mask, expected_mask)
+    assert ids.shape[0] == 8 and mask.sum(dim=1).min() < ids.shape[1]  # padded to the longest
+    with torch.no_grad():
+        ours, theirs = entry.model(ids, mask), reference(ids, mask)
+    assert_close(ours.last_hidden_state, theirs.last_hidden_state)
+    assert_close(ours.pooler_output, theirs.pooler_output)
+
+
+def test_load_hf_texts_make_the_example_batch_and_shapes_are_dynamic(hf_bert):
+    texts = ["A short one.", "This second sentence is quite a bit longer than the first one is."]
+    entry = zoo.load_hf(hf_bert, texts=texts)
+    ids, mask = entry.example_inputs
+    assert ids.shape[0] == 2 and mask[0].sum() < mask[1].sum() == ids.shape[1]
+    assert torch.equal(ids, zoo.tokenize(entry.tokenizer, texts)[0])
+    exported = torch.export.export(entry.model, entry.example_inputs, dynamic_shapes=entry.dynamic_shapes, strict=False)
+    other = zoo.tokenize(entry.tokenizer, zoo.real_sentences(3))
+    with torch.no_grad():
+        assert_close(exported.module()(*other).last_hidden_state, entry.model(*other).last_hidden_state)
+
+
+def test_load_hf_errors_are_zoo_errors_of_one_line(tmp_path, hf_bert):
+    (tmp_path / "no_config").mkdir()
+    (tmp_path / "bad_config").mkdir()
+    (tmp_path / "bad_config" / "config.json").write_text("{}")
+    (tmp_path / "file.txt").write_text("x")
+    no_tokenizer = _save_tiny_bert(tmp_path / "no_tokenizer", tokenizer=False)
+    cases = {
+        tmp_path / "missing": "no such folder",
+        tmp_path / "file.txt": "is a file, not a Hugging Face model folder",
+        tmp_path / "no_config": "is not a Hugging Face model folder: it has no config.json",
+        tmp_path / "bad_config": "transformers cannot load the model in",
+        no_tokenizer: "has no tokenizer",
+        "": "no folder given",
+    }
+    for path, message in cases.items():
+        with pytest.raises(zoo.ZooError, match=message) as info:
+            zoo.load_hf(path)
+        assert "\n" not in str(info.value)
+    with pytest.raises(zoo.ZooError, match="no text given"):
+        zoo.load_hf(hf_bert, texts=[])

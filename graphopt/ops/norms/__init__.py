@@ -145,6 +145,14 @@ def _rms_norm_row_lowering(out: str, args: dict, fresh, row) -> list[str]:
 
 # ----------------------------------------------------------------------------- records
 
+
+def _onnx():
+    """:mod:`graphopt.ops.norms.onnx`, imported when an ONNX export asks for it (it imports onnxscript)."""
+    from graphopt.ops.norms import onnx as translations
+
+    return translations
+
+
 RMS_NORM = register_op(
     OpRecord(
         op=torch.ops.graphopt.rms_norm,
@@ -157,6 +165,7 @@ RMS_NORM = register_op(
         inductor_decomposition=rms_norm_reference,
         eager_fast_path=_rms_norm_eager,
         triton_lowering=_rms_norm_row_lowering,
+        onnx=lambda: _onnx().rms_norm,
     )
 )
 
@@ -171,6 +180,7 @@ CRMS_NORM = register_op(
         is_norm=True,
         inductor_decomposition=crms_norm_reference,
         eager_fast_path=_crms_norm_eager,
+        onnx=lambda: _onnx().crms_norm,
     )
 )
 

@@ -117,9 +117,34 @@ def _moves_tokens(node: Node) -> int:
     return 0
 
 
-register_op(OpRecord(op=torch.ops.graphopt.pack_tokens, reference=pack_tokens_reference, fake=_pack_tokens_fake, flops=_moves_tokens))
-register_op(OpRecord(op=torch.ops.graphopt.unpack_tokens, reference=unpack_tokens_reference, fake=_unpack_tokens_fake, flops=_moves_tokens))
-register_op(OpRecord(op=torch.ops.graphopt.varlen_attention, reference=varlen_attention_reference, fake=_varlen_attention_fake, flops=_varlen_attention_flops))
+def _onnx():
+    """:mod:`graphopt.ops.varlen.onnx`, imported when an ONNX export asks for it (it imports onnxscript)."""
+    from graphopt.ops.varlen import onnx as translations
+
+    return translations
+
+
+register_op(
+    OpRecord(op=torch.ops.graphopt.pack_tokens, reference=pack_tokens_reference, fake=_pack_tokens_fake, flops=_moves_tokens, onnx=lambda: _onnx().pack_tokens)
+)
+register_op(
+    OpRecord(
+        op=torch.ops.graphopt.unpack_tokens,
+        reference=unpack_tokens_reference,
+        fake=_unpack_tokens_fake,
+        flops=_moves_tokens,
+        onnx=lambda: _onnx().unpack_tokens,
+    )
+)
+register_op(
+    OpRecord(
+        op=torch.ops.graphopt.varlen_attention,
+        reference=varlen_attention_reference,
+        fake=_varlen_attention_fake,
+        flops=_varlen_attention_flops,
+        onnx=lambda: _onnx().varlen_attention,
+    )
+)
 
 
 @functools.cache
