@@ -15,6 +15,7 @@ from graphopt.pipeline.pass_base import (
     NotApplicable,
     Pass,
     PassContext,
+    PassNameClashError,
     PassResult,
     UnknownPassError,
     available_passes,
@@ -22,7 +23,7 @@ from graphopt.pipeline.pass_base import (
     make_pass,
     register_pass,
 )
-from graphopt.pipeline.report import PassRecord, Report
+from graphopt.pipeline.report import BudgetWarning, PassRecord, Report
 from graphopt.pipeline.verify import Exact, MinCosine
 from graphopt import ops  # noqa: F401,E402  (registers the graphopt:: custom ops)
 from graphopt import passes  # noqa: F401,E402  (registers the built-in passes)
@@ -35,6 +36,7 @@ from graphopt.tools.repbn import finalize
 __version__ = "0.1.0"
 
 __all__ = [
+    "BudgetWarning",
     "CaptureError",
     "Exact",
     "MinCosine",
@@ -43,6 +45,7 @@ __all__ = [
     "Pass",
     "PassContext",
     "PassFailedError",
+    "PassNameClashError",
     "PassManager",
     "PassOrderError",
     "PassRecord",
