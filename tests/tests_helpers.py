@@ -34,3 +34,27 @@ class Fn(nn.Module):
 
     def forward(self, *args):
         return self.fn(*args)
+
+
+def save_tiny_bert(folder, *, tokenizer: bool = True):
+    """A random-init 2-layer BERT (transformers' default attention) and, if asked, MiniLM's real
+    tokenizer, saved into ``folder`` as users save them; returns ``folder``."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from graphopt.tools import zoo
+
+    minilm_tokenizer = AutoTokenizer.from_pretrained(zoo.minilm_dir(), local_files_only=True)
+    config = BertConfig(
+        vocab_size=minilm_tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        BertModel(config).save_pretrained(folder)
+    if tokenizer:
+        minilm_tokenizer.save_pretrained(folder)
+    return folder

@@ -16,6 +16,7 @@ import graphopt
 from graphopt.tools import zoo
 from graphopt.frontends.dump import CREATED_COLOR, ERASED_COLOR
 from graphopt.testing import assert_close
+from tests_helpers import save_tiny_bert
 
 pytestmark = pytest.mark.filterwarnings("ignore:'setParseAction' deprecated")  # pydot's parser, reading DOT back
 
@@ -86,30 +87,9 @@ def factories(tmp_path_factory):
     return folder
 
 
-def _save_tiny_bert(folder: Path, *, tokenizer: bool = True) -> Path:
-    """A random-init 2-layer BERT (transformers' default attention) and MiniLM's real tokenizer, saved as users save them."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    minilm_tokenizer = AutoTokenizer.from_pretrained(zoo.minilm_dir(), local_files_only=True)
-    config = BertConfig(
-        vocab_size=minilm_tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        BertModel(config).save_pretrained(folder)
-    if tokenizer:
-        minilm_tokenizer.save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def hf_bert(tmp_path_factory):
-    return _save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
 
 
 def _hf_reference(folder: Path):
@@ -298,7 +278,7 @@ def test_dump_of_an_hf_pt2_archive(tmp_path, hf_bert):
 
 
 def test_hf_folder_without_a_tokenizer_is_one_line(tmp_path):
-    folder = _save_tiny_bert(tmp_path / "no_tokenizer", tokenizer=False)
+    folder = save_tiny_bert(tmp_path / "no_tokenizer", tokenizer=False)
     result = graphopt_cli("optimize", f"hf:{folder}", "--passes", "canonicalize")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     lines = result.stderr.splitlines()

@@ -10,6 +10,7 @@ from torch import nn
 
 from graphopt.tools import zoo
 from graphopt.testing import assert_close
+from tests_helpers import save_tiny_bert
 
 # vit-s at full size is slow to export; tests use a small variant unless stated.
 SMALL_OVERRIDES = {"vit-s": {"image_size": 64, "num_hidden_layers": 2}}
@@ -260,30 +261,9 @@ def test_embedding_comparisons():
 # ---------------------------------------------------------------- users' Hugging Face folders
 
 
-def _save_tiny_bert(folder, *, tokenizer: bool = True):
-    """A random-init 2-layer BERT (default attention) and, if asked, MiniLM's real tokenizer, saved into ``folder``."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    minilm_tokenizer = AutoTokenizer.from_pretrained(zoo.minilm_dir(), local_files_only=True)
-    config = BertConfig(
-        vocab_size=minilm_tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        BertModel(config).save_pretrained(folder)
-    if tokenizer:
-        minilm_tokenizer.save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def hf_bert(tmp_path_factory):
-    return _save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
 
 
 def test_load_hf_is_the_model_as_users_load_it(hf_bert):
@@ -322,7 +302,7 @@ def test_load_hf_errors_are_zoo_errors_of_one_line(tmp_path, hf_bert):
     (tmp_path / "bad_config").mkdir()
     (tmp_path / "bad_config" / "config.json").write_text("{}")
     (tmp_path / "file.txt").write_text("x")
-    no_tokenizer = _save_tiny_bert(tmp_path / "no_tokenizer", tokenizer=False)
+    no_tokenizer = save_tiny_bert(tmp_path / "no_tokenizer", tokenizer=False)
     cases = {
         tmp_path / "missing": "no such folder",
         tmp_path / "file.txt": "is a file, not a Hugging Face model folder",
