@@ -148,10 +148,17 @@ class Case:
     batches: list[tuple]
     configs: list[Config]
     notes: dict[str, Any] = field(default_factory=dict)
+    valid_tokens: Callable[[tuple], torch.Tensor] | None = None
+    """For encoders whose outputs carry tokens: ``batch -> [B, S]`` bool, True at real tokens.
+    Fidelity then compares ``[B, S, ...]`` outputs at real tokens only (at pads the original values
+    mean nothing and ``remove_padding`` gives zeros)."""
 
 
-def _leaves(out) -> list[torch.Tensor]:
-    return [x for x in torch.utils._pytree.tree_leaves(out) if isinstance(x, torch.Tensor) and x.is_floating_point()]
+def _leaves(out, valid: torch.Tensor | None = None) -> list[torch.Tensor]:
+    leaves = [x for x in torch.utils._pytree.tree_leaves(out) if isinstance(x, torch.Tensor) and x.is_floating_point()]
+    if valid is None:
+        return leaves
+    return [x[valid] if x.dim() >= 2 and tuple(x.shape[:2]) == tuple(valid.shape) else x for x in leaves]
 
 
 def run_case(case: Case, *, rounds: int = 10, warmup: int = 2, log: Callable[[str], None] = print) -> list[Row]:
@@ -175,12 +182,13 @@ def _run_case(case: Case, rounds: int, warmup: int, log: Callable[[str], None]) 
         built.append((cfg, b, time.perf_counter() - t0))
 
     with torch.no_grad():
-        refs = [case.model(*batch) for batch in case.batches]
+        valid = [case.valid_tokens(batch) if case.valid_tokens else None for batch in case.batches]
+        refs = [_leaves(case.model(*batch), v) for batch, v in zip(case.batches, valid)]
         fidelity = []
         for _, b, _ in built:
-            outs = [b.fn(*batch) for batch in case.batches]
+            outs = [_leaves(b.fn(*batch), v) for batch, v in zip(case.batches, valid)]
             rel = max(compare(o, r, Exact()).value for o, r in zip(outs, refs))
-            cos = min(compare(_leaves(o), _leaves(r), MinCosine()).value for o, r in zip(outs, refs))
+            cos = min(compare(o, r, MinCosine()).value for o, r in zip(outs, refs))
             fidelity.append((rel, cos))
 
         for _ in range(warmup):
@@ -210,12 +218,32 @@ def _synchronize() -> None:
         torch.cuda.synchronize()
 
 
+# the instruction-set flags fast paths depend on (int8 dot products, bf16, AMX tiles)
+_CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
+
+
+def cpu() -> dict[str, Any]:
+    """The CPU's model name and which of the flags that decide fast paths it has (``/proc/cpuinfo``)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    return {"cpu": model, "cpu flags": " ".join(f for f in _CPU_FLAGS if f in flags) or "none of " + ", ".join(_CPU_FLAGS)}
+
+
 def environment() -> dict[str, Any]:
     return {
+        **cpu(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "machine": platform.machine(),
-        "processor": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "date": time.strftime("%Y-%m-%d"),

@@ -1,4 +1,4 @@
-"""Padding-free execution (``remove_padding``, ByteTransformer) on the real MiniLM, against the peers.
+"""Padding-free execution (``remove_padding``, ByteTransformer) on the real MiniLM as users load it, and default RoBERTa and DistilBERT, against the peers.
 
     OMP_NUM_THREADS=1 python bench/remove_padding.py           # writes bench/results/remove_padding.{json,md}
     python bench/remove_padding.py --quick --name remove_padding_quick   # a smoke run: few batches, few rounds
@@ -10,7 +10,8 @@ interleaved, ratios against eager PyTorch in the same run, fidelity against eage
    usually run, and padded only to each batch's longest sentence: eager, inductor, torchao int8
    (dynamic int8 activations, int8 weights) + inductor, onnxruntime (CPU), and graphopt
    ``[canonicalize]`` (the baseline graph) and ``[canonicalize, remove_padding]`` on the eager and
-   inductor backends.
+   inductor backends; then the same against eager and inductor for a default RoBERTa and a
+   DistilBERT built from their configs (``--other-sentences``).
 2. Scaling with the padding fraction: the same 8 sentences of 12-13 tokens padded to lengths that
    make 10% to 90% of the batch pads, and the overhead when nothing is padded (sentences truncated
    to a common length): eager against the canonical graph with and without ``remove_padding``.
@@ -119,18 +120,39 @@ def _describe(batches) -> str:
     return f"{len(batches)} x [{BATCH}, {lengths}], {pad_fraction(batches):.0%} pads"
 
 
-def peer_cases(entry, sentences, padded_sentences: int, unavailable) -> list[Case]:
+def peer_cases(entry, sentences, padded_sentences: int, unavailable, *, label: str = "", all_peers: bool = True, model=None) -> list[Case]:
     """Part 1: the first ``padded_sentences`` padded to 128 (static shapes), and all ``sentences``
-    padded to each batch's longest (dynamic shapes)."""
+    padded to each batch's longest (dynamic shapes), tokenized by ``entry``'s tokenizer and run
+    through ``model`` (default ``entry.model``). Without ``all_peers`` only eager and inductor are
+    the peers (torchao and onnxruntime are measured on MiniLM)."""
+    model = entry.model if model is None else model
     chunks = [sentences[i : i + BATCH] for i in range(0, len(sentences), BATCH)]
     padded = [zoo.tokenize(entry.tokenizer, c, max_length=128, pad_to=128) for c in chunks[: padded_sentences // BATCH]]
     longest = [zoo.tokenize(entry.tokenizer, c, max_length=128) for c in chunks]
-    static = peer_configs(False, None, unavailable) + graphopt_configs(None, {"dynamic": False})
-    dynamic = peer_configs(None, entry.dynamic_shapes, unavailable) + graphopt_configs(entry.dynamic_shapes, {})
+    if all_peers:
+        static, dynamic = peer_configs(False, None, unavailable), peer_configs(None, entry.dynamic_shapes, unavailable)
+    else:
+        static, dynamic = [eager(), inductor(False)], [eager(), inductor(None)]
+    static += graphopt_configs(None, {"dynamic": False})
+    dynamic += graphopt_configs(entry.dynamic_shapes, {})
+    tokens = lambda batch: batch[1].bool()  # noqa: E731  (outputs that carry tokens are compared at real tokens)
     return [
-        Case(f"padded to 128: {_describe(padded)}", entry.model, padded, static),
-        Case(f"padded to longest: {_describe(longest)}", entry.model, longest, dynamic),
+        Case(f"{label}padded to 128: {_describe(padded)}", model, padded, static, valid_tokens=tokens),
+        Case(f"{label}padded to longest: {_describe(longest)}", model, longest, dynamic, valid_tokens=tokens),
     ]
+
+
+def config_encoders(seed: int = 0) -> dict[str, torch.nn.Module]:
+    """A default RoBERTa (``RobertaModel(RobertaConfig())``, roberta-base sizes) and DistilBERT
+    (``DistilBertModel(DistilBertConfig())``) as users load them (SDPA attention, pooler where the
+    model has one), random init: there are no weights to download. Their inputs are the real
+    sentences tokenized by MiniLM's WordPiece tokenizer, whose ids fit both vocabularies; the
+    weights being random, only the lengths and the padding matter to the speed."""
+    from transformers import DistilBertConfig, DistilBertModel, RobertaConfig, RobertaModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return {"roberta-base": RobertaModel(RobertaConfig()).eval(), "distilbert-base": DistilBertModel(DistilBertConfig()).eval()}
 
 
 def scaling_cases(entry, sentences, quick: bool) -> tuple[list[Case], list[dict]]:
@@ -246,13 +268,15 @@ def main(argv=None) -> int:
     parser.add_argument("--sentences", type=int, default=64, help="real sentences in part 1 (batches of 8)")
     parser.add_argument("--padded-sentences", type=int, default=64, help="of those, how many in the (slow) padded-to-128 case")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--other-sentences", type=int, default=16, help="real sentences for the default RoBERTa and DistilBERT (0: skip them)")
+    parser.add_argument("--other-rounds", type=int, default=3)
     parser.add_argument("--scaling-rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 1)), help="torch and onnxruntime intra-op threads")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     parser.add_argument("--name", default="remove_padding")
     args = parser.parse_args(argv)
     if args.quick:
-        args.sentences, args.padded_sentences, args.rounds, args.scaling_rounds = 16, 8, 1, 2
+        args.sentences, args.padded_sentences, args.rounds, args.scaling_rounds, args.other_sentences, args.other_rounds = 16, 8, 1, 2, 8, 1
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     load_before, started = load_snapshot(), time.perf_counter()
@@ -260,8 +284,13 @@ def main(argv=None) -> int:
     entry = zoo.load("minilm")
     sentences = zoo.real_sentences(64)
     unavailable: dict[str, str] = {}
-    padded_case, longest_case = peer_cases(entry, sentences[: args.sentences], args.padded_sentences, unavailable)
+    padded_case, longest_case = peer_cases(entry, sentences[: args.sentences], args.padded_sentences, unavailable, label="MiniLM ")
     peer_rows = run_case(padded_case, rounds=args.rounds, warmup=1) + run_case(longest_case, rounds=args.rounds, warmup=1)
+    for name, model in config_encoders().items() if args.other_sentences else ():
+        for case in peer_cases(
+            entry, sentences[: args.other_sentences], args.other_sentences, unavailable, label=f"{name} ", all_peers=False, model=model
+        ):
+            peer_rows += run_case(case, rounds=args.other_rounds, warmup=1)
 
     cases, scaling_meta = scaling_cases(entry, sentences, args.quick)
     scaling_rows = [row for case in cases for row in run_case(case, rounds=args.scaling_rounds, warmup=1)]
@@ -307,8 +336,12 @@ def _markdown(env_line, peer_rows, scaling, stacking, stacking_passes, run, unav
 {env_line}, {versions}; OMP_NUM_THREADS {run["OMP_NUM_THREADS"]}, torch threads {run["torch threads"]}.
 Machine load (2 cores shared with other engineers): before {run["load before"]}; after {run["load after"]}; the run took {run["wall s"]} s.
 
-What is measured: the real all-MiniLM-L6-v2 (`zoo.load("minilm")`, eager attention, forward =
-normalized mean-pooled sentence embeddings) on the zoo's real sentences (`zoo.real_sentences`).
+What is measured: the real all-MiniLM-L6-v2 as users load it (`zoo.load("minilm")`: transformers'
+default SDPA attention, forward = normalized mean-pooled sentence embeddings, which `remove_padding`
+pools from the packed tokens) on the zoo's real sentences (`zoo.real_sentences`); and, in part 1,
+a default RoBERTa and DistilBERT built from their configs (random init, SDPA, outputs
+`last_hidden_state` and RoBERTa's pooler; tokens compared at real tokens only) on the same
+sentences.
 Latency is the median over rounds of running every batch of a case once, configurations
 interleaved round by round in one process; "vs first" is the ratio to eager PyTorch in the same
 case (lower is faster). Fidelity is against eager on every batch: max relative error over the

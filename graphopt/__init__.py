@@ -28,7 +28,7 @@ from graphopt.pipeline.verify import Exact, MinCosine
 from graphopt import ops  # noqa: F401,E402  (registers the graphopt:: custom ops)
 from graphopt import passes  # noqa: F401,E402  (registers the built-in passes)
 from graphopt import backends  # noqa: F401,E402  (registers the built-in backends)
-from graphopt.frontends.api import OptimizedModule, load, optimize, save
+from graphopt.frontends.api import OptimizedModule, load, load_program, optimize, save
 from graphopt.frontends.capture import CaptureError, capture
 from graphopt.tools import repbn, zoo  # noqa: F401  (public: graphopt.zoo, graphopt.repbn)
 from graphopt.tools.repbn import finalize
@@ -58,6 +58,7 @@ __all__ = [
     "finalize",
     "get_pass",
     "load",
+    "load_program",
     "make_pass",
     "optimize",
     "register_pass",

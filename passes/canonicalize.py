@@ -44,6 +44,21 @@ only by reshapes goes too, the reshapes reading its input (``reshape`` copies wh
 the heads are merged in one form, ``transpose(1, 2)`` then ``reshape``, whether the model called
 SDPA or wrote attention out, and Hugging Face's two attention implementations canonicalize to the
 same attention, head split and head merge.
+
+**Chains of views.** A chain of ``view`` / ``reshape`` / ``flatten`` / ``unflatten`` / ``squeeze`` /
+``unsqueeze`` / ``transpose`` / ``permute`` (and ``contiguous``) whose composite moves dimensions is
+written in one form, at most three ops: a view that only splits dimensions into factors (and drops
+size-1 ones; an ``unflatten`` when it splits one dimension), one ``permute``, a ``reshape`` that only
+merges (and inserts size-1 dimensions), each left out when it is an identity. The composite is
+derived from the symbolic sizes (``graphopt.ir.match.view_chain``: ``4*s0`` splits into ``s0`` and
+``4``), so nn.MultiheadAttention's ``view [S, B*H, D] -> transpose(0, 1) -> view [B, H, S, D]``
+becomes ``unflatten(-1, [H, D]) -> permute(1, 2, 0, 3)`` and its ``unflatten -> unsqueeze(0) ->
+transpose(0, -2) -> squeeze(-2)`` becomes ``unflatten -> permute``. A chain runs back through
+single-user nodes only, and is rewritten only when the form takes fewer ops or as many arranged
+otherwise; a chain that does not move dimensions (left to the identity-view removal), that an
+in-place op writes through, whose sizes cannot be proved to factor, or whose result would not have
+provably the same strides (a ``contiguous`` is kept last when the chain's result was contiguous, so
+``view`` readers stay valid) stays as written.
 """
 
 from __future__ import annotations
@@ -55,13 +70,15 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
-from graphopt.ir import aten, external_user, is_op, normalized_args, op_name, replace_node, shape_of, val_of
+from graphopt.ir import aten, external_user, is_op, normalized_args, only_user, op_name, replace_node, shape_of, val_of
 from graphopt.ir.match import (
+    VIEW_CHAIN_OPS,
     VIEW_OPS,
     broadcasts_to,
     identity_view_source,
     infer_val,
     is_value_identity,
+    known_true,
     matmul_operands,
     normalize_dim,
     permutation,
@@ -70,6 +87,7 @@ from graphopt.ir.match import (
     source_through_identities,
     swaps_last_two,
     user_through_identities,
+    view_chain,
 )
 from graphopt.pipeline.pass_base import NotApplicable, Pass, PassContext, PassResult, register_pass, summarize_reasons
 
@@ -614,6 +632,178 @@ def _remove_identity_views(gm: GraphModule) -> int:
     return removed
 
 
+# ----------------------------------------------------------------------------- chains of views
+
+
+def _is_chain_op(node: Any) -> bool:
+    return isinstance(node, Node) and is_op(node, *VIEW_CHAIN_OPS) and isinstance(node.args[0], Node)
+
+
+def _mutated(node: Node) -> bool:
+    """Whether an in-place op writes to ``node``: a view of it must then stay a view, not a copy."""
+    return any(isinstance(u.target, torch._ops.OpOverload) and u.target._schema.is_mutable for u in node.users)
+
+
+def _view_chain_ends(gm: GraphModule) -> list[Node]:
+    """The last node of every maximal chain of views and permutes with at least two nodes; the
+    chain runs back through nodes with a single user only, so its replacement duplicates nothing."""
+    ends = []
+    for node in gm.graph.nodes:
+        user = only_user(node)
+        if not _is_chain_op(node) or (_is_chain_op(user) and user.args[0] is node):
+            continue
+        source = node.args[0]
+        if _is_chain_op(source) and len(source.users) == 1:
+            ends.append(node)
+    return ends
+
+
+def _chain_of(end: Node) -> list[Node]:
+    chain = [end]
+    while _is_chain_op(chain[0].args[0]) and len(chain[0].args[0].users) == 1:
+        chain.insert(0, chain[0].args[0])
+    return chain
+
+
+def _role(node: Node) -> tuple | None:
+    """What one node of a chain does in the ``split -> permute -> merge`` form, None if several."""
+    if is_op(node, aten.contiguous.default):
+        return ("contiguous",)
+    form = view_chain([node])
+    if form is None:
+        return None
+    if form.permutes:
+        return None if form.splits or form.merges else ("permute", form.perm)
+    if form.splits and form.merges:
+        return None
+    return ("split",) if form.splits else ("merge",)
+
+
+def _size_args(sizes: tuple, source: Node, call: Any) -> list | None:
+    """Sizes for a view of ``source``: numbers, the size of a dimension of ``source`` it provably
+    has (read with ``call(aten.sym_size.int, ...)``), or -1 for at most one other size."""
+    src_shape = shape_of(source)
+    args: list = []
+    for size in sizes:
+        if size.is_Integer:
+            args.append(int(size))
+            continue
+        dims = [d for d, s in enumerate(src_shape) if isinstance(s, torch.SymInt) and (_expr_of(s) - size).expand() == 0]
+        if dims:
+            args.append(call(aten.sym_size.int, (source, dims[0])))
+        elif -1 in args:
+            return None
+        else:
+            args.append(-1)
+    return args
+
+
+def _expr_of(size: Any) -> Any:
+    import sympy
+
+    return sympy.expand(size.node.expr) if isinstance(size, torch.SymInt) else sympy.Integer(int(size))
+
+
+def _strides_match(node: Node, strides: Any) -> bool:
+    """Whether ``node`` provably has ``strides`` (a tensor: its strides), size-1 dimensions aside."""
+    val = val_of(node)
+    if isinstance(strides, torch.Tensor):
+        if not same_shape(tuple(val.shape), tuple(strides.shape)):
+            return False
+        strides = strides.stride()
+    return all(known_true(size == 1) or known_true(x == y) for size, x, y in zip(val.shape, val.stride(), strides))
+
+
+def _emit_view_chain(end: Node, source: Node, form: Any) -> list[Node] | None:
+    """Insert ``split -> permute -> merge`` of ``source`` before ``end``: the new nodes, the last
+    computing ``end``'s values with its strides (so the views reading ``end`` stay valid), or None,
+    nothing left inserted, when it cannot be proved."""
+    graph = end.graph
+    new: list[Node] = []
+
+    def call(target, args) -> Node:
+        node = graph.call_function(target, args)
+        new.append(node)
+        infer_val(node)
+        return node
+
+    x: Node | None = source
+    try:
+        with graph.inserting_before(end):
+            if form.splits:
+                split = [d for d, n in enumerate(form.input_blocks) if n != 1]
+                if len(split) == 1 and form.input_blocks[split[0]] > 1:  # one dim split, none dropped
+                    d = split[0]
+                    start = sum(form.input_blocks[:d])
+                    sizes = _size_args(form.blocks[start : start + form.input_blocks[d]], source, call)
+                    x = None if sizes is None else call(aten.unflatten.int, (x, d, sizes))
+                else:
+                    sizes = _size_args(form.blocks, source, call)
+                    x = None if sizes is None else call(aten.view.default, (x, sizes))
+            if x is not None and form.permutes:
+                x = call(aten.permute.default, (x, list(form.perm)))
+            if x is not None and form.merges:
+                sizes = _size_args(tuple(_expr_of(v) for v in shape_of(end)), source, call)
+                x = None if sizes is None else call(aten.reshape.default, (x, sizes))
+            ref = val_of(end)
+            if x is not None and not _strides_match(x, ref):
+                contiguous = _strides_match(end, torch._prims_common.make_contiguous_strides_for(ref.shape))
+                x = call(aten.contiguous.default, (x,)) if contiguous else None
+            if x is not None and not _strides_match(x, ref):
+                x = None
+    except Exception:  # noqa: BLE001  (a fake op that cannot decide on symbolic sizes: leave the chain alone)
+        x = None
+    if x is None:
+        for node in reversed(new):
+            graph.erase_node(node)
+        return None
+    return new
+
+
+def _view_chain_form(chain: list[Node]) -> Any:
+    """The :class:`ViewChain` to rewrite ``chain`` with, or None when it stays as written."""
+    source, end = chain[0].args[0], chain[-1]
+    form = view_chain(chain)
+    if form is None or not form.permutes or _mutated(source) or _mutated(end):
+        return None
+    planned = [("split",)] * form.splits + [("permute", form.perm)] + [("merge",)] * form.merges
+    roles = [_role(n) for n in chain]
+    if roles[-1] == ("contiguous",):
+        planned.append(("contiguous",))
+    return None if len(planned) > len(chain) or roles == planned else form
+
+
+def _canonical_view_chains(gm: GraphModule) -> int:
+    """Rewrite chains of views and permutes whose composite permutes into ``split -> permute ->
+    merge`` (see :class:`graphopt.ir.match.ViewChain`); returns how many chains were rewritten.
+
+    A chain is rewritten when that form takes fewer ops, or as many in another arrangement; a
+    chain already in the form, one whose composite does not permute (left to the identity-view
+    removal), one an in-place op writes through, and one whose result would not be provably the
+    same values with the same strides stay as written (a ``contiguous`` is kept last when the
+    chain's result was contiguous)."""
+    rewritten = 0
+    for end in _view_chain_ends(gm):
+        chain = _chain_of(end)
+        source, form = chain[0].args[0], _view_chain_form(chain)
+        if form is None:
+            continue
+        roles = [_role(n) for n in chain]
+        new = _emit_view_chain(end, source, form)
+        if new is None:
+            continue
+        tensor_ops = [n for n in new if n.target is not aten.sym_size.int]
+        if len(tensor_ops) > len(chain) or (len(tensor_ops) == len(chain) and roles == [_role(n) for n in tensor_ops]):
+            for node in reversed(new):
+                gm.graph.erase_node(node)
+            continue
+        end.replace_all_uses_with(new[-1])
+        for node in reversed(chain):
+            gm.graph.erase_node(node)
+        rewritten += 1
+    return rewritten
+
+
 def _attention_candidates(gm: GraphModule) -> list[Node]:
     return [n for n in gm.graph.nodes if is_op(n, *_SOFTMAX_OPS)]
 
@@ -628,7 +818,8 @@ class Canonicalize(Pass):
     identity views removed.
 
     See the module docstring for the accepted forms and the rejections. Stats: how many of each
-    were rewritten (``identity_views``: views bypassed); a candidate left alone is reported with its reason in the result message.
+    were rewritten (``identity_views``: views bypassed; ``view_chains``: chains of views and
+    permutes rewritten in the split, permute, merge form); a candidate left alone is reported with its reason in the result message.
     """
 
     name = "canonicalize"
@@ -638,11 +829,13 @@ class Canonicalize(Pass):
         """The candidates: ``rsqrt`` / ``sqrt`` of a statistic, and softmaxes; not applicable when
         there are none and no identity view either. Each is matched as the rewrite reaches it, on
         the graph the previous rewrites left (a rewritten norm may be an attention's query or key;
-        the identity views, found again by the rewrite, go first); a rewrite never removes another
-        candidate."""
+        the identity views, found again by the rewrite, go first; the chains of views, found again,
+        after the attentions, whose matcher reads the views around a ``bmm`` as written); a rewrite
+        never removes another candidate."""
         views, norms, softmaxes = _identity_view_candidates(gm), _norm_candidates(gm), _attention_candidates(gm)
-        if not (views or norms or softmaxes):
-            raise NotApplicable("no explicit attention or normalization formula and no identity view in the graph")
+        chains = [end for end in _view_chain_ends(gm) if _view_chain_form(_chain_of(end)) is not None]
+        if not (views or norms or softmaxes or chains):
+            raise NotApplicable("no explicit attention or normalization formula, no identity view and no chain of views to rewrite in the graph")
         return norms, softmaxes
 
     def rewrite(self, gm: GraphModule, candidates: tuple[list[Node], list[Node]], ctx: PassContext) -> PassResult:
@@ -670,6 +863,7 @@ class Canonicalize(Pass):
                 continue
             _rewrite_attention(gm, match)
             stats["attention"] += 1
+        stats["view_chains"] = _canonical_view_chains(gm)
         stats["identity_views"] += _remove_identity_views(gm)
         changed = any(stats.values())
         message = summarize_reasons(reasons)

@@ -29,9 +29,16 @@ token-wise (``OpRecord.tokenwise``), pointwise ops with token-independent operan
 dropout, softmax over a feature dimension, embedding lookups, views that split or merge only
 trailing feature dimensions, transposes and SDPA keep a layout; so do the pieces of a fused QKV
 projection split along a feature dimension (``split`` / ``chunk``, or ``unflatten`` to
-``[B, S, 3, H, D]``, a permute and ``unbind``, and their ``getitem``), and a
-view flattening the tokens to ``[B*S, ...]`` for a 2-D linear and back (``[T, ...]`` either way once
-packed, so those views go; a flattened value may not leave the region). Sizes read from a region
+``[B, S, 3, H, D]``, a permute and ``unbind``, and their ``getitem``, or a ``select`` of a feature
+dimension), and a view flattening the tokens to ``[B*S, ...]`` for a 2-D linear and back
+(``[T, ...]`` either way once packed, so those views go or only reshape the features; a flattened
+value may not leave the region). Sequence-first values ``[S, B, ...]`` are followed the same way:
+``nn.MultiheadAttention`` (``nn.TransformerEncoder``, batch- or sequence-first) transposes to
+``[S, B, E]``, selects q, k and v from its in-projection unflattened and permuted to
+``[3, S, B, E]`` (the form ``canonicalize`` gives its chains of views), moves the heads to
+``[B, H, S, D]`` and merges them through ``[S*B, E]`` for its out-projection; packed, every one of
+these is ``[T, ...]``, ``[S*B]`` as well as ``[B*S]``, as long as the view back restores the order
+it flattened. Sizes read from a region
 value (``b, s, _ = x.shape``) are read from the entry, which the pack leaves as it is. The pack goes where one
 tensor carries everything the region needs: the earliest ``[B, S, ...]`` ancestor of the
 attentions from which the region reaches every SDPA. In BERT that is the sum of the word, type
@@ -47,6 +54,14 @@ op that reads pad positions otherwise (a reduction or convolution over the seque
 makes the pass not applicable, as does a sequence-mixing op between the pack and an attention.
 Graph outputs are compared at valid tokens only (the ``output_masks`` of the pass's result): at pad
 positions the original values are meaningless, and the rewritten graph gives zeros.
+
+**Pooling in the packed domain.** A pooling of a region value reads the packed tokens directly: a
+sum over the sequence of the value gated by the mask (``x * mask`` with the gate exactly 1 at
+tokens and 0 at pads, ``where(mask, x, 0)``, ``masked_fill(~mask, 0)``: masked-sum and
+sentence-transformers' masked-mean pooling) becomes ``graphopt::sum_tokens``, and ``select`` of a
+fixed position (CLS pooling, BERT's pooler) becomes ``graphopt::select_token``. Both compute what
+the unpacked value would give, so a value read only by poolings is never unpacked: when only the
+pooled output leaves the graph, the padded ``[B, S, ...]`` tensor is never built.
 """
 
 from __future__ import annotations
@@ -360,6 +375,12 @@ class _Layout:
 
     batch: int
     seq: int
+    seq_major: bool = False  # flattened ([B*S] or, when True, [S*B]): which order the flat dim holds
+
+    @property
+    def flat(self) -> bool:
+        """The tokens are one dimension (0), ``[B*S, ...]`` or ``[S*B, ...]``; packed, ``[T, ...]``."""
+        return self.batch == self.seq
 
     def rest(self, rank: int) -> list[int]:
         return [d for d in range(rank) if d not in (self.batch, self.seq)]
@@ -370,6 +391,7 @@ class _Layout:
 
 _TOKENS = _Layout(0, 1)
 _FLAT = _Layout(0, 0)  # [B*S, ...]: tokens flattened for a 2-D linear; packed, the same [T, ...]
+_SEQ_FIRST = _Layout(1, 0)  # [S, B, ...], nn.MultiheadAttention's layout
 _HEADS = _Layout(0, 2)  # [B, H, S, D], SDPA's layout
 
 
@@ -389,16 +411,23 @@ def _outside_region(arg: Any, region: dict) -> bool:
 
 
 def _flattening(node: Node, layout: _Layout, grid: tuple) -> _Layout | None:
-    """The layout of a view between ``[B, S, *f]`` and ``[B*S, *f]`` (``grid`` is ``(B, S)``), else None."""
+    """The layout of a view that flattens the leading ``[B, S, *f]`` or ``[S, B, *f]`` of a value
+    into ``[B*S, *g]`` (or ``[S*B, *g]``), unflattens such a flat value back in the same order, or
+    reshapes the features of a flat value (``grid`` is ``(B, S)``); else None.
+
+    Packed, each is a reshape of ``[T, *f]`` to ``[T, *g]``: the tokens stay where they are."""
     in_shape, out_shape = shape_of(node.args[0]), shape_of(node)
     if in_shape is None or out_shape is None or not grid:
         return None
-    if layout == _TOKENS and len(out_shape) == len(in_shape) - 1 and len(in_shape) >= 2:
-        ok = same_shape(in_shape[:2], grid) and known_true(out_shape[0] == grid[0] * grid[1]) and same_shape(in_shape[2:], out_shape[1:])
-        return _FLAT if ok else None
-    if layout == _FLAT and len(out_shape) == len(in_shape) + 1:
-        ok = same_shape(out_shape[:2], grid) and same_shape(out_shape[2:], in_shape[1:])
-        return _TOKENS if ok and not any(isinstance(x, Node) for x in node.args[1][2:]) else None
+    order = {_TOKENS: tuple(grid), _SEQ_FIRST: tuple(grid[::-1])}
+    if layout in order and len(in_shape) >= 2 and len(out_shape) >= 1:
+        ok = same_shape(in_shape[:2], order[layout]) and known_true(out_shape[0] == grid[0] * grid[1])
+        return _Layout(0, 0, layout == _SEQ_FIRST) if ok else None
+    if layout.flat and len(out_shape) >= 1 and known_true(out_shape[0] == in_shape[0]):
+        return layout
+    if layout.flat and len(out_shape) >= 2:
+        unflat = _SEQ_FIRST if layout.seq_major else _TOKENS
+        return unflat if same_shape(out_shape[:2], order[unflat]) else None
     return None
 
 
@@ -437,22 +466,30 @@ def _layout_of(node: Node, region: dict, pad_masks: set, grid: tuple = ()) -> _L
         return layout if normalize_dim(node.args[1], x_rank) not in (layout.batch, layout.seq) else None
     if is_op(node, *_SPLITS):
         return layout if normalize_dim(_split_dim(node), x_rank) not in (layout.batch, layout.seq) else None
-    if is_op(node, aten.unflatten.int, aten.unbind.int) and layout != _FLAT:
+    if is_op(node, aten.select.int) and not layout.flat:
+        # one piece of a fused projection, [3, ...] on a feature dim (nn.MultiheadAttention)
+        dim = normalize_dim(node.args[1], x_rank)
+        if dim in (layout.batch, layout.seq):
+            return None
+        return _Layout(*(d - 1 if d > dim else d for d in (layout.batch, layout.seq)))
+    if is_op(node, aten.unflatten.int, aten.unbind.int) and not layout.flat:
         # Q, K and V of a fused projection unflattened to [B, S, 3, H, D], permuted, unbound
         dim = normalize_dim(node.args[1] if len(node.args) > 1 else 0, x_rank)
         if dim in (layout.batch, layout.seq):
             return None
         shift = len(node.args[2]) - 1 if is_op(node, aten.unflatten) else -1
         return _Layout(*(d + shift if d > dim else d for d in (layout.batch, layout.seq)))
-    if is_op(node, *VIEW_OPS) and _flattening(node, layout, grid) is not None:
-        return _flattening(node, layout, grid)
     if is_op(node, *VIEW_OPS):
         in_shape, out_shape = shape_of(x), shape_of(node)
-        ok = layout == _TOKENS and len(out_shape) >= 2 and same_shape(in_shape[:2], out_shape[:2])
-        return _TOKENS if ok and not any(isinstance(s, Node) for s in node.args[1][2:]) else None
+        if layout in (_TOKENS, _SEQ_FIRST) and len(out_shape) >= 2 and same_shape(in_shape[:2], out_shape[:2]):
+            # only the features are reshaped; packed, the view keeps [T] and its own feature sizes
+            return layout if not any(isinstance(s, Node) for s in node.args[1][2:]) else None
+        flattened = _flattening(node, layout, grid)
+        kept = 1 if flattened is not None and flattened.flat else 2
+        return flattened if not any(isinstance(s, Node) for s in node.args[1][kept:]) else None
     perm = permutation(node)
     if perm is not None:
-        return None if layout == _FLAT else _Layout(perm.index(layout.batch), perm.index(layout.seq))
+        return None if layout.flat else _Layout(perm.index(layout.batch), perm.index(layout.seq))
     if is_value_identity(node) or torch.Tag.pointwise in node.target.tags or is_op(node, *_CASTS):
         return _pointwise_layout(node, region)
     return None
@@ -509,7 +546,7 @@ def _grow_region(gm: GraphModule, entry: Node, sdpas: list[Node], pad_masks: set
             # The batch or sequence size of a region value is the entry's (``b, s, _ = x.shape``):
             # read from the entry, which the pack leaves as it is. Other sizes are read after unpacking.
             x_layout, dim = layouts[node.args[0]], normalize_dim(node.args[1], _rank(node.args[0]))
-            if x_layout != _FLAT and dim in (x_layout.batch, x_layout.seq):
+            if not x_layout.flat and dim in (x_layout.batch, x_layout.seq):
                 size_reads[node] = 0 if dim == x_layout.batch else 1
             continue
         layout = _embedding_layout(node, layouts) or _layout_of(node, layouts, pad_masks, tuple(shape_of(entry)[:2]))
@@ -577,7 +614,8 @@ def _reader_state(node: Node, dirty: list[Node], differs: dict, mask_input: Node
     if is_op(node, aten.sym_size.int):
         return "clean"  # the unpacked value has the original shape
     if is_op(node, aten.mul.Tensor, aten.where.self, aten.where.ScalarOther, aten.masked_fill.Scalar) and state.seq is not None:
-        if _zeroes_pads(node, x, state, mask_input, masks):
+        # the gated value is the dirty operand, whichever argument it is (where's first is the condition)
+        if len(dirty) == 1 and _zeroes_pads(node, dirty[0], state, mask_input, masks):
             return "clean"
     if is_op(node, aten.select.int) and state.seq is not None and x in dirty and normalize_dim(node.args[1], _rank(x)) == state.seq:
         index = node.args[2]
@@ -616,12 +654,26 @@ def _zeroes_pads(node: Node, x: Node, state: _AtPads, mask_input: Node, masks: _
 # ----------------------------------------------------------------------------- the plan
 
 
+@dataclass(frozen=True)
+class _Pooling:
+    """A reader of an unpacked value that reduces it to one row per sequence, which the packed
+    tokens give directly: ``sum`` over the sequence of the value with its pads zeroed (masked-sum
+    and masked-mean pooling), or ``select`` of one position (CLS pooling)."""
+
+    node: Node  # the node the pooled op replaces: the sum, or the select
+    exit: Node
+    layout: _Layout
+    position: int | None  # select's position; None for a sum
+    keepdim: bool = False
+
+
 @dataclass
 class _Plan:
     mask: Node
     region: _Region
     exits: dict[Node, _Layout]
     outputs_at_pads: dict[int, _AtPads] = field(default_factory=dict)
+    poolings: list[_Pooling] = field(default_factory=list)
 
 
 def _plan(gm: GraphModule) -> _Plan:
@@ -637,12 +689,39 @@ def _plan(gm: GraphModule) -> _Plan:
     region = _choose_region(gm, mask, sdpas, pad_masks, masks)
     inside = {**region.layouts, **region.size_reads}
     exits = {n: layout for n, layout in region.layouts.items() if n is not region.entry and any(u not in inside for u in n.users)}
-    flat = [n for n, layout in exits.items() if layout == _FLAT]
+    flat = [n for n, layout in exits.items() if layout.flat]
     if flat:
         raise NotApplicable(f"{describe(flat[0])} holds the tokens flattened to [batch*seq, ...] and is read outside the token-wise region")
     plan = _Plan(mask, region, exits)
     plan.outputs_at_pads = _follow_unpacked(gm, exits, mask, masks)
+    plan.poolings = [p for x, layout in exits.items() for u in x.users if u not in inside for p in _poolings(u, x, layout, mask, masks)]
     return plan
+
+
+def _poolings(reader: Node, x: Node, layout: _Layout, mask: Node, masks: _MaskAnalysis) -> list[_Pooling]:
+    """The poolings ``reader`` of the unpacked ``x`` starts: itself as a ``select`` of a fixed
+    sequence position, or, as a mask gate leaving ``x`` exactly as unpacking does (the value at
+    valid tokens, 0 at pads) read only by sums over the sequence dim, those sums; else none."""
+    rank = _rank(x)
+    if is_op(reader, aten.select.int) and reader.args[0] is x and normalize_dim(reader.args[1], rank) == layout.seq:
+        position = reader.args[2]
+        return [_Pooling(reader, x, layout, position)] if isinstance(position, int) and position >= 0 else []
+    gate_keeps_x = (
+        is_op(reader, aten.mul.Tensor, aten.where.self, aten.where.ScalarOther, aten.masked_fill.Scalar)
+        and _zeroes_pads(reader, x, _AtPads(layout.batch, layout.seq), mask, masks)
+        and val_of(reader).dtype == val_of(x).dtype
+        and same_shape(shape_of(reader), shape_of(x))
+    )
+    if gate_keeps_x and is_op(reader, aten.mul.Tensor):  # the gate must also be exactly 1 at valid tokens
+        gate = masks.try_value(reader.args[1] if reader.args[0] is x else reader.args[0])
+        gate_keeps_x = gate.valid == 1
+    sums = []
+    for user in reader.users if gate_keeps_x else ():
+        args = normalized_args(user)
+        if not (is_op(user, aten.sum.dim_IntList) and args.get("dtype") is None and [normalize_dim(d, rank) for d in args["dim"] or ()] == [layout.seq]):
+            return []
+        sums.append(_Pooling(user, x, layout, None, bool(args.get("keepdim"))))
+    return sums
 
 
 def _choose_region(gm: GraphModule, mask: Node, sdpas: list[Node], pad_masks: set, masks: _MaskAnalysis) -> _Region:
@@ -689,7 +768,7 @@ def _rewrite(gm: GraphModule, plan: _Plan) -> dict[str, int]:
     input_dims = {
         n: layouts[n.args[0]].packed_dim(n.args[1] if len(n.args) > 1 else 0, _rank(n.args[0]))
         for n in layouts
-        if is_op(n, aten.unflatten.int, aten.unbind.int)
+        if is_op(n, aten.unflatten.int, aten.unbind.int, aten.select.int)
     }
     anchor = entry.next
     while anchor.op == "placeholder":
@@ -705,9 +784,13 @@ def _rewrite(gm: GraphModule, plan: _Plan) -> dict[str, int]:
     for size, dim in plan.region.size_reads.items():
         size.args = (entry, dim)
 
+    # a pooling reads the packed exit: its select, or the mask gate of its sums, needs no unpacking
+    pooling_readers = {p.node if p.position is not None else p.node.args[0] for p in plan.poolings}
     for node, layout in plan.exits.items():
         rank = _rank(node)
-        outside = [u for u in node.users if u not in layouts]
+        outside = [u for u in node.users if u not in layouts and u not in pooling_readers]
+        if not outside:  # every reader pools the packed tokens
+            continue
         with graph.inserting_after(node):
             unpacked = _call(graph, torch.ops.graphopt.unpack_tokens.default, (node, mask))
         if layout != _TOKENS:  # [B, S, *rest] back to the original order of dimensions
@@ -717,18 +800,22 @@ def _rewrite(gm: GraphModule, plan: _Plan) -> dict[str, int]:
         for user in outside:
             user.replace_input_with(node, unpacked)
 
+    for pooling in plan.poolings:
+        _pool_packed(graph, pooling, mask)
+
     # decide every edit from the original shapes first: the edits drop the nodes' shape metadata
     region_nodes = [n for n in graph.nodes if n in layouts and n is not entry]
     permutations = {n: _packed_permutation(n, layouts) for n in region_nodes if permutation(n) is not None}
+    view_sizes = {n: _packed_view_sizes(n, layouts) for n in region_nodes if is_op(n, *VIEW_OPS)}
     softmax_dims = {n: layouts[n].packed_dim(n.args[1], _rank(n)) for n in region_nodes if is_op(n, *_SOFTMAX)}
     attentions = 0
     for node in region_nodes:
-        if is_op(node, *VIEW_OPS) and _FLAT in (layouts[node], layouts.get(node.args[0])):
-            # [B, S, *f] <-> [B*S, *f]: both are [T, *f] packed, so the view is an identity there
+        if node in view_sizes and view_sizes[node] is None:
+            # e.g. [B, S, *f] <-> [B*S, *f]: both are [T, *f] packed, so the view is an identity there
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
-        elif is_op(node, *VIEW_OPS):
-            node.args = (node.args[0], [tokens, *node.args[1][2:]], *node.args[2:])
+        elif node in view_sizes:
+            node.args = (node.args[0], [tokens, *view_sizes[node]], *node.args[2:])
         elif node in softmax_dims:
             node.args = (node.args[0], softmax_dims[node], *node.args[2:])
         elif node in input_dims:
@@ -748,7 +835,44 @@ def _rewrite(gm: GraphModule, plan: _Plan) -> dict[str, int]:
             node.replace_all_uses_with(attention)
             graph.erase_node(node)
             attentions += 1
-    return {"attentions": attentions, "packs": 1, "unpacks": len(plan.exits)}
+    unpacks = sum(1 for n in graph.nodes if is_op(n, torch.ops.graphopt.unpack_tokens.default))
+    return {"attentions": attentions, "packs": 1, "unpacks": unpacks, "pooled": len(plan.poolings)}
+
+
+def _pool_packed(graph, pooling: _Pooling, mask: Node) -> None:
+    """Replace a pooling of the unpacked exit by the pooled op on its packed tokens, and drop the
+    mask gate a sum read when nothing else reads it."""
+    x, layout, node = pooling.exit, pooling.layout, pooling.node
+    rank = _rank(x)
+    with graph.inserting_before(node):
+        if pooling.position is None:
+            pooled = _call(graph, torch.ops.graphopt.sum_tokens.default, (x, mask))
+        else:
+            pooled = _call(graph, torch.ops.graphopt.select_token.default, (x, mask, pooling.position))
+        # the op gives [B, *rest]; the original keeps the dims other than the sequence in their order
+        kept = [d for d in range(rank) if d != layout.seq]
+        order = [layout.batch, *layout.rest(rank)]
+        if order != kept:
+            pooled = _call(graph, aten.permute.default, (pooled, [order.index(d) for d in kept]))
+        if pooling.keepdim:
+            pooled = _call(graph, aten.unsqueeze.default, (pooled, layout.seq))
+    gate = node.args[0] if pooling.position is None else None
+    node.replace_all_uses_with(pooled)
+    graph.erase_node(node)
+    if gate is not None and not gate.users:
+        graph.erase_node(gate)
+
+
+def _packed_view_sizes(node: Node, layouts: dict) -> list | None:
+    """The feature sizes of a region view run on ``[T, *f]`` (the view's own, after its token
+    dims), or None when the packed view is an identity (only the tokens were (un)flattened)."""
+    in_layout, out_layout = layouts[node.args[0]], layouts[node]
+    in_shape, out_shape = shape_of(node.args[0]), shape_of(node)
+    in_features = in_shape[1 if in_layout.flat else 2 :]
+    out_kept = 1 if out_layout.flat else 2
+    if in_layout.flat != out_layout.flat and same_shape(in_features, out_shape[out_kept:]):
+        return None
+    return list(node.args[1][out_kept:])
 
 
 def _packed_permutation(node: Node, layouts: dict) -> list[int]:

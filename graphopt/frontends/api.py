@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import inspect
 import json
 import zipfile
 from typing import Any, Callable, Iterable, Sequence
@@ -12,13 +11,13 @@ import torch
 from torch.fx import GraphModule
 
 from graphopt.backends import CompiledGraph, as_compiled, get_backend
-from graphopt.frontends.capture import CaptureError, CapturedInput, auto_dynamic_shapes, capture, captured_inputs, flat_inputs, normalize_args, one_line
+from graphopt.frontends.capture import CaptureError, CapturedInput, auto_dynamic_shapes, capture, captured_inputs, flat_inputs, graph_dynamic_shapes, normalize_args, one_line
 from graphopt.frontends.check import check_backend
 from graphopt.pipeline.manager import PassManager
 from graphopt.pipeline.pass_base import Pass
 from graphopt.pipeline.report import Report
 
-__all__ = ["ArchiveError", "InputShapeError", "OptimizedModule", "optimize", "save", "load"]
+__all__ = ["ArchiveError", "InputShapeError", "OptimizedModule", "optimize", "save", "load", "load_program"]
 
 
 class InputShapeError(ValueError):
@@ -228,7 +227,7 @@ def save(
     if dynamic_shapes is None:
         # an OptimizedModule made by other means than optimize (e.g. repbn.finalize) knows no spec
         known = isinstance(module, OptimizedModule) and (module.dynamic_shapes is not None or module.inputs)
-        dynamic_shapes = module.dynamic_shapes if known else _graph_dynamic_shapes(gm)
+        dynamic_shapes = module.dynamic_shapes if known else graph_dynamic_shapes(gm)
     if format == "onnx":
         from graphopt.frontends.onnx_export import export_onnx  # imports onnx only when asked for
 
@@ -240,15 +239,30 @@ def save(
 
 
 def load(path: str) -> torch.nn.Module:
-    """Load an archive written by :func:`save`; returns a callable module.
+    """Load an archive written by :func:`save` or ``torch.export.save``; returns a callable module.
+
+    The module is ``load_program(path).module()`` (:func:`load_program`, which says what it
+    imports first and what it raises).
+    """
+    return load_program(path).module()
+
+
+def load_program(path: str) -> torch.export.ExportedProgram:
+    """Read an archive written by :func:`save` or ``torch.export.save`` as a ``torch.export.ExportedProgram``.
+
+    Besides its ``module()`` (what :func:`load` returns), the program holds the ``example_inputs``
+    it was exported with, ``(args, kwargs)`` (None in archives written by older torch versions):
+    ``graphopt.optimize(program.module(), passes, args, example_kwargs=kwargs)`` optimizes it again.
 
     First imports the modules :func:`save` recorded as defining the graph's input and output
     classes (their import registers them with ``torch.utils._pytree``), so e.g. a Hugging Face
     model's archive loads without importing ``transformers`` first.
 
     Raises:
-        ArchiveError: such a module cannot be imported, or (an archive without that record) an
-            input or output class is not registered; the message names what to install or import.
+        ArchiveError: ``path`` is not a ``torch.export`` archive (not a zip file, or a zip without
+            the ``archive_format`` or ``version`` entry ``torch.export.save`` writes); a recorded
+            module cannot be imported; or (an archive without that record) an input or output class
+            is not registered. The message is one line, naming what to install or import.
     """
     for name in dict.fromkeys(_archive_meta(path).get("pytree_modules", [])):
         try:
@@ -258,7 +272,7 @@ def load(path: str) -> torch.nn.Module:
                 f"{path}: the graph's inputs or outputs are classes from {name!r}, which cannot be imported ({one_line(error)}); install it"
             ) from error
     try:
-        return torch.export.load(path).module()
+        return torch.export.load(path)
     except Exception as error:  # noqa: BLE001 - an unregistered pytree class shows as many kinds of error
         if "serializ" in str(error) or "pytree" in str(error).lower():
             # torch logs the class it could not find above its own one-line error
@@ -273,13 +287,24 @@ _ARCHIVE_META = "graphopt.json"  # graphopt's record in the archive's extra file
 
 def _archive_meta(path: str) -> dict:
     """The record :func:`save` wrote in the archive, read straight from the zip (before anything is
-    deserialized: that needs the classes it names); ``{}`` for an archive without one."""
+    deserialized: that needs the classes it names); ``{}`` for an archive without one.
+
+    Raises:
+        ArchiveError: ``path`` is not a zip file, or a zip (e.g. a ``torch.save`` checkpoint) with
+            neither the ``<root>/archive_format`` entry of a ``torch.export`` archive nor the
+            ``version`` entry of the zip layout torch 2.7 wrote.
+    """
     try:
         with zipfile.ZipFile(path) as archive:
-            for name in archive.namelist():
+            names = archive.namelist()
+            if not any(name == "version" or name.endswith("/archive_format") for name in names):
+                raise ArchiveError(f"{path}: not a torch.export archive (a zip file without the archive_format entry torch.export.save writes)")
+            for name in names:
                 if name.endswith(f"extra/{_ARCHIVE_META}"):
                     return json.loads(archive.read(name))
-    except (zipfile.BadZipFile, json.JSONDecodeError):
+    except zipfile.BadZipFile as error:
+        raise ArchiveError(f"{path}: not a torch.export archive ({one_line(error)})") from error
+    except json.JSONDecodeError:
         pass
     return {}
 
@@ -298,15 +323,3 @@ def _pytree_modules(spec) -> list[str]:
         stack.extend(node.children())
     return sorted(set(found))
 
-
-def _graph_dynamic_shapes(gm: GraphModule) -> Any:
-    """``Dim.AUTO`` on the input dims ``gm`` holds symbolic, in ``gm.forward``'s terms (None: all static)."""
-    inputs = captured_inputs(gm)
-    if not any(i is not None and i.dynamic_dims for i in inputs):
-        return None
-    leaves = [None if i is None or not i.dynamic_dims else {d: torch.export.Dim.AUTO for d in i.dynamic_dims} for i in inputs]
-    info = getattr(gm.graph._codegen, "pytree_info", None)
-    if info is None or info.in_spec is None:
-        return tuple(leaves)
-    args_spec, kwargs_spec = torch.utils._pytree.tree_unflatten(leaves, info.in_spec)
-    return dict(inspect.signature(gm.forward).bind(*args_spec, **kwargs_spec).arguments)

@@ -22,8 +22,9 @@ Dynamic shapes: pass ``dynamic_shapes`` exactly as ``torch.export`` takes it (e.
 keeps working when a pass shortens the sequence. A model that writes a size into a view as a Python
 constant (``x.view(2, 16, 4, 32)`` rather than ``x.view(b, t, h, d)``) specializes that dimension:
 export reports it, and the captured graph only runs at that size. :func:`auto_dynamic_shapes` is
-the spec :func:`graphopt.optimize` uses by default, and :func:`captured_inputs` says, per input,
-which dims the captured graph really left dynamic.
+the spec :func:`graphopt.optimize` uses by default, :func:`captured_inputs` says, per input,
+which dims the captured graph really left dynamic, and :func:`graph_dynamic_shapes` turns those
+back into a spec for exporting the graph again.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import torch.fx
 from graphopt.ir import _unique_attr_name, cleanup, clone_graph_module, in_place_writes, propagate_shapes, quiet_meta_errors
 from graphopt.pipeline.report import one_line  # defined with the report, whose reasons it writes
 
-__all__ = ["CaptureError", "CapturedInput", "auto_dynamic_shapes", "capture", "captured_inputs", "flat_inputs", "inference_view", "normalize_args", "one_line"]
+__all__ = ["CaptureError", "CapturedInput", "auto_dynamic_shapes", "capture", "captured_inputs", "flat_inputs", "graph_dynamic_shapes", "inference_view", "normalize_args", "one_line"]
 
 
 class CaptureError(RuntimeError):
@@ -53,19 +54,25 @@ def inference_view(model: torch.nn.Module):
 
     This is the function :func:`capture` captures; run the original model inside it to get the
     outputs a captured graph must reproduce.
+
+    The mode is set with the ``train`` method of the model's class, not of the instance: the module
+    ``ExportedProgram.module()`` returns (e.g. of an archive from ``torch.export.load``) has
+    instance ``train``/``eval`` methods that raise, since its ops were fixed at export; for such a
+    graph the mode is only flags, so it can be captured like any model.
     """
+    set_mode = type(model).train
     was_training = model.training
     configs = [m.config for m in model.modules() if hasattr(getattr(m, "config", None), "use_cache")]
     saved = [(c, c.use_cache) for c in {id(c): c for c in configs}.values()]
     try:
-        model.eval()
+        set_mode(model, False)
         for config, _ in saved:
             config.use_cache = False
         yield
     finally:
         for config, value in saved:
             config.use_cache = value
-        model.train(was_training)
+        set_mode(model, was_training)
 
 
 def normalize_args(example_inputs: Any) -> tuple:
@@ -331,6 +338,38 @@ def captured_inputs(gm: torch.fx.GraphModule) -> tuple[CapturedInput | None, ...
                 shape.append(int(size.node.hint) if size.node.has_hint() else -1)
         out.append(CapturedInput(node.name, tuple(shape), tuple(static)))
     return tuple(out)
+
+
+def graph_dynamic_shapes(gm: torch.fx.GraphModule) -> dict | tuple | None:
+    """The ``torch.export`` dynamic-shapes spec that keeps dynamic what ``gm`` already holds symbolic.
+
+    Each tensor input gets ``{dim: Dim.AUTO}`` for the dims that are symbolic in its placeholder's
+    ``meta["val"]`` (:func:`captured_inputs`), or None when it has none; non-tensor inputs get None.
+    When ``gm`` has a pytree input structure (graphs from :func:`capture` or a pass, and
+    ``ExportedProgram.module()``, e.g. of an archive from ``torch.export.load``) the spec is a dict
+    keyed by ``gm.forward``'s parameter names, nested as the inputs are; otherwise a tuple with one
+    entry per placeholder.
+
+    Returns None when no input dim is symbolic (a static capture, or a graph without shape metadata
+    such as a plain ``torch.fx.symbolic_trace``), or when ``gm.forward``'s signature does not take
+    the structure its inputs are flattened from; ``torch.export`` then captures static shapes.
+
+    Exporting or capturing ``gm`` again with this spec (``graphopt.save``, ONNX export, a ``.pt2``
+    archive given to the CLI) keeps it working at the batch and sequence lengths it took before,
+    where the example's shapes alone would fix them.
+    """
+    inputs = captured_inputs(gm)
+    if not any(i is not None and i.dynamic_dims for i in inputs):
+        return None
+    leaves = [None if i is None or not i.dynamic_dims else {d: torch.export.Dim.AUTO for d in i.dynamic_dims} for i in inputs]
+    info = getattr(gm.graph._codegen, "pytree_info", None)
+    if info is None or info.in_spec is None:
+        return tuple(leaves)
+    args_spec, kwargs_spec = torch.utils._pytree.tree_unflatten(leaves, info.in_spec)
+    try:
+        return dict(inspect.signature(gm.forward).bind(*args_spec, **kwargs_spec).arguments)
+    except TypeError:
+        return None
 
 
 def flat_inputs(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> list | None:

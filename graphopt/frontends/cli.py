@@ -58,7 +58,8 @@ from tabulate import tabulate
 import graphopt
 from graphopt.tools import zoo
 from graphopt.backends import available_backends, get_backend
-from graphopt.frontends.capture import one_line
+from graphopt.frontends.api import ArchiveError
+from graphopt.frontends.capture import graph_dynamic_shapes, one_line
 from graphopt.frontends.dump import dump
 from graphopt.frontends.onnx_export import OnnxExportError, export_onnx
 from graphopt.pipeline.manager import run_graph
@@ -128,7 +129,8 @@ def load_model(spec: str, log: Callable[[str], None], texts: list[str] | None = 
         raise UsageError(f"--text builds the example inputs of an hf:PATH model; {spec!r} brings its own")
     if spec.startswith("hf:"):
         entry = zoo.load_hf(spec[len("hf:") :], texts=texts or None)
-        log(f"loaded {spec}: {entry.description}")
+        batch, length = entry.example_inputs[0].shape
+        log(f"loaded {spec}: {entry.description}; example batch: {batch} sentence{'' if batch == 1 else 's'}, padded to {length} tokens")
         return Workload(spec, entry.model, tuple(entry.example_inputs), entry.dynamic_shapes)
     if spec.startswith("zoo:"):
         entry = zoo.load(spec[len("zoo:") :])
@@ -163,48 +165,23 @@ def _load_archive(spec: str, log: Callable[[str], None]) -> Workload:
     if not path.is_file():
         raise UsageError(f"no such file: {spec}")
     try:
-        module = graphopt.load(str(path))
-        # graphopt.load returns the module only; the example inputs are read from the program. It is
-        # loaded second so that whatever graphopt.load prepares for loading (imports, registrations) is in place.
-        stored = torch.export.load(str(path)).example_inputs
-    except Exception as e:  # noqa: BLE001 - a corrupt archive, a missing custom op, an unknown output class
+        program = graphopt.load_program(spec)
+        module = program.module()
+    except ArchiveError as e:  # its message starts with the path
+        raise CommandError(f"cannot load {e}") from e
+    except Exception as e:  # noqa: BLE001 - a damaged archive, a missing custom op
         raise CommandError(f"cannot load {spec}: {one_line(e)}") from e
-    # ExportedProgram.module() gives the instance train() and eval() methods that raise, since the
-    # program's ops were fixed at export; capture switches the model to eval mode and back, which
-    # for such a graph only flips flags, so nn.Module's own methods are put back.
-    for method in ("train", "eval"):
-        vars(module).pop(method, None)
-    if not stored:
+    if not program.example_inputs:
         raise CommandError(
             f"{spec} stores no example inputs to capture and verify it with (archives written by older torch versions lack them); "
             "save the program again with graphopt.save or graphopt optimize --save"
         )
-    args, kwargs = stored
+    args, kwargs = program.example_inputs
     count = len(args) + len(kwargs)
     log(f"loaded {spec}: a torch.export program, {count} input{'' if count == 1 else 's'}")
-    return Workload(spec, module, tuple(args), _archive_dynamic_shapes(module, args, kwargs), dict(kwargs) or None)
-
-
-def _archive_dynamic_shapes(module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
-    """A ``dynamic_shapes`` spec that keeps dynamic the dims the archive's program has symbolic.
-
-    Without it the program would be re-captured at the example's shapes, and what was saved to
-    take any batch would come back fixed to one.
-    """
-    values = [n.meta.get("val") for n in module.graph.nodes if n.op == "placeholder"]
-    leaves, tree = torch.utils._pytree.tree_flatten((tuple(args), dict(kwargs)))
-    if len(values) != len(leaves):
-        return None  # the module's inputs do not line up with the stored ones: capture at the example's shapes
-    specs = [
-        {i: torch.export.Dim.AUTO for i, size in enumerate(val.shape) if isinstance(size, torch.SymInt)} or None
-        if isinstance(leaf, torch.Tensor) and isinstance(val, torch.Tensor)
-        else None
-        for leaf, val in zip(leaves, values)
-    ]
-    arg_specs, kwarg_specs = torch.utils._pytree.tree_unflatten(specs, tree)
-    if kwargs and args:
-        return None  # torch.export wants such specs keyed by parameter name, which an archive's module does not keep
-    return kwarg_specs if kwargs else arg_specs
+    # Without the spec the program would be re-captured at the example's shapes, and what was
+    # saved to take any batch would come back fixed to one.
+    return Workload(spec, module, tuple(args), graph_dynamic_shapes(module), dict(kwargs) or None)
 
 
 def _import_file(path: Path):
@@ -381,11 +358,12 @@ def cmd_export(args) -> int:
         raise UsageError(f"--onnx {args.onnx}: directory {target.parent} does not exist")
     pipeline = build_pipeline(args.passes, args.option)
     check_backend_runs_here(args.backend)
-    workload = load_model(args.model, args.log)
+    workload = load_model(args.model, args.log, args.text)
     module = graphopt.optimize(
         workload.model,
         pipeline,
         workload.example_inputs,
+        example_kwargs=workload.example_kwargs,
         dynamic_shapes=workload.dynamic_shapes,
         **_pipeline_flags(args),
         name=workload.name,
@@ -393,7 +371,7 @@ def cmd_export(args) -> int:
     print(module.report)
     args.log(f"exporting {target}")
     try:
-        exporter = export_onnx(module, workload.example_inputs, target, dynamic_shapes=workload.dynamic_shapes)
+        exporter = export_onnx(module, workload.example_inputs, target, workload.example_kwargs, dynamic_shapes=workload.dynamic_shapes)
     except OnnxExportError as e:
         details = target.with_name(target.name + ".error.txt")
         details.write_text(e.details)
@@ -499,6 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
         "FILE.pt2 (a torch.export archive) or path/to/file.py:factory returning (model, example_inputs[, dynamic_shapes])"
     )
     text_help = "a sentence of an hf:PATH model's example batch (repeatable; default: 8 built-in real sentences)"
+    model_args = argparse.ArgumentParser(add_help=False)  # what load_model takes, the same for every command that takes a MODEL
+    model_args.add_argument("model", metavar="MODEL", help=model_help)
+    model_args.add_argument("--text", metavar="TEXT", action="append", default=[], help=text_help)
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(prog=PROG, description="Verified graph rewrites for PyTorch models.", epilog=_EPILOG, formatter_class=formatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {graphopt.__version__}")
@@ -511,7 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser(
         "dump",
-        parents=[common, pipeline],
+        parents=[common, pipeline, model_args],
         epilog=_EPILOG,
         formatter_class=formatter,
         help="write what every pass did (text, diff, DOT, ONNX) into a folder",
@@ -522,28 +503,23 @@ def build_parser() -> argparse.ArgumentParser:
         "ATen ops, its kernel file or why it stayed ATen) and <region>.py (the kernel, its ATen region as "
         "aten_region, example_inputs()).",
     )
-    p.add_argument("model", metavar="MODEL", help=model_help)
-    p.add_argument("--text", metavar="TEXT", action="append", default=[], help=text_help)
     p.add_argument("--out", required=True, metavar="DIR", help="a new or empty directory")
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX exports of the graphs before and after")
     p.set_defaults(run=cmd_dump)
 
-    p = commands.add_parser("optimize", parents=[common, pipeline], epilog=_EPILOG, formatter_class=formatter, help="optimize a model and print the report")
-    p.add_argument("model", metavar="MODEL", help=model_help)
-    p.add_argument("--text", metavar="TEXT", action="append", default=[], help=text_help)
+    p = commands.add_parser("optimize", parents=[common, pipeline, model_args], epilog=_EPILOG, formatter_class=formatter, help="optimize a model and print the report")
     p.add_argument("--save", metavar="FILE.pt2", help="write a torch.export archive of the result and check it loads")
     p.set_defaults(run=cmd_optimize)
 
     p = commands.add_parser(
         "export",
-        parents=[common, pipeline],
+        parents=[common, pipeline, model_args],
         epilog=_EPILOG,
         formatter_class=formatter,
         help="optimize a model and write the optimized graph as an ONNX model",
         description="Optimizes MODEL, prints the report and writes the optimized graph to --onnx: graphopt:: ops "
         "become standard ONNX ops or graphopt-domain functions of standard ops; the batch and sequence axes stay dynamic.",
     )
-    p.add_argument("model", metavar="MODEL", help=model_help)
     p.add_argument("--onnx", required=True, metavar="FILE.onnx", help="the ONNX file to write")
     p.set_defaults(run=cmd_export)
 

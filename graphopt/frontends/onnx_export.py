@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import inspect
 import io
 import logging
 import os
@@ -35,10 +34,10 @@ from typing import Any, Callable, Iterator
 import torch
 from torch.fx import GraphModule
 
-from graphopt.frontends.capture import normalize_args
+from graphopt.frontends.capture import graph_dynamic_shapes, normalize_args
 from graphopt.ir.oprecord import op_records
 
-__all__ = ["OnnxExportError", "export_onnx", "graph_dynamic_shapes", "onnx_translation_table", "strip_ansi"]
+__all__ = ["OnnxExportError", "export_onnx", "onnx_translation_table", "strip_ansi"]
 
 _ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
 
@@ -72,30 +71,6 @@ def onnx_translation_table() -> dict[torch._ops.OpOverload, Callable]:
         for overload in record.op.overloads():
             table[getattr(record.op, overload)] = translation
     return table
-
-
-def graph_dynamic_shapes(gm: GraphModule, args: tuple, kwargs: dict) -> dict | None:
-    """A ``torch.export`` ``dynamic_shapes`` spec (by parameter name) marking ``Dim.AUTO`` every input dim
-    that is symbolic in ``gm`` (its placeholders' ``meta["val"]``); None when no dim is, or when the
-    placeholders do not line up with the flattened inputs (a graph not made by ``torch.export``)."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    try:
-        bound = inspect.signature(gm.forward).bind(*args, **kwargs)
-    except TypeError:
-        return None
-    leaves, spec = torch.utils._pytree.tree_flatten(dict(bound.arguments))
-    if len(leaves) != len(placeholders):
-        return None
-    dims = []
-    for leaf, node in zip(leaves, placeholders):
-        val = node.meta.get("val")
-        if isinstance(leaf, torch.Tensor) and isinstance(val, torch.Tensor):
-            dims.append({i: torch.export.Dim.AUTO for i, s in enumerate(val.shape) if isinstance(s, torch.SymInt)} or None)
-        else:
-            dims.append(None)
-    if not any(dims):
-        return None
-    return torch.utils._pytree.tree_unflatten(dims, spec)
 
 
 @contextlib.contextmanager
@@ -162,7 +137,7 @@ def export_onnx(
         path: the ``.onnx`` file to write (weights embedded: models over ONNX's 2 GB protobuf
             limit cannot be exported this way).
         dynamic_shapes: a ``torch.export`` spec; default: the module's own ``dynamic_shapes``
-            attribute if it has one, else every dim symbolic in the graph (:func:`graph_dynamic_shapes`).
+            attribute if it has one, else every dim symbolic in the graph (:func:`~graphopt.frontends.capture.graph_dynamic_shapes`).
 
     Returns which exporter worked: ``"torch.export-based exporter"`` or ``"TorchScript exporter"``.
     Nothing is printed. Raises :class:`OnnxExportError` when both fail (nothing is left at ``path`` then).
@@ -175,7 +150,7 @@ def export_onnx(
     if dynamic_shapes is None:
         dynamic_shapes = getattr(module, "dynamic_shapes", None)
     if dynamic_shapes is None and isinstance(gm, GraphModule):
-        dynamic_shapes = graph_dynamic_shapes(gm, args, kwargs)
+        dynamic_shapes = graph_dynamic_shapes(gm)
     attempts = (
         ("torch.export-based exporter", {"dynamo": True, "custom_translation_table": onnx_translation_table(), "dynamic_shapes": dynamic_shapes}),
         ("TorchScript exporter", {"dynamo": False}),

@@ -38,6 +38,9 @@ __all__ = [
     "source_through_identities",
     "swaps_last_two",
     "user_through_identities",
+    "ViewChain",
+    "VIEW_CHAIN_OPS",
+    "view_chain",
 ]
 
 VIEW_OPS = (aten.view, aten.reshape, aten._unsafe_view)
@@ -151,6 +154,182 @@ def identity_view_source(node: Node) -> Node | None:
         if not (is_op(source, *_RESHAPES) and isinstance(source.args[0], Node)):
             return None
         source = source.args[0]
+
+
+# ----------------------------------------------------------------------------- chains of views
+
+VIEW_CHAIN_OPS = (
+    *_RESHAPES,
+    aten.unsqueeze.default,
+    aten.squeeze.dim,
+    aten.squeeze.dims,
+    aten.squeeze.default,
+    aten.transpose.int,
+    aten.permute.default,
+    aten.contiguous.default,
+)
+"""Ops that :func:`view_chain` composes: reshapes (``squeeze`` / ``unsqueeze`` included: they keep
+the element order), permutations, and ``contiguous`` (the same values)."""
+
+
+@dataclass(frozen=True)
+class ViewChain:
+    """The composite of a chain of views and permutes, written as ``split -> permute -> merge``.
+
+    The chain's input ``x`` computes the chain's output as
+    ``x.view(blocks).permute(perm).reshape(output_shape)``, where
+
+    * ``blocks`` are the sizes (``sympy`` expressions) of the intermediate dimensions, in the
+      input's order: input dimension ``d`` splits into the next ``input_blocks[d]`` of them, row
+      major (0: a size-1 dimension that is dropped), so the first view only splits and squeezes;
+    * ``perm`` orders the blocks as the output reads them (``permute`` semantics);
+    * output dimension ``j`` merges the next ``output_blocks[j]`` permuted blocks (0: a size-1
+      dimension), so the last reshape only merges and unsqueezes.
+
+    Blocks are as coarse as that allows: two pieces of one input dimension stay one block when they
+    stay adjacent, in order, within one output dimension.
+    """
+
+    blocks: tuple
+    input_blocks: tuple[int, ...]
+    perm: tuple[int, ...]
+    output_blocks: tuple[int, ...]
+
+    @property
+    def splits(self) -> bool:
+        """Whether the first view is not an identity."""
+        return any(n != 1 for n in self.input_blocks)
+
+    @property
+    def permutes(self) -> bool:
+        return self.perm != tuple(range(len(self.perm)))
+
+    @property
+    def merges(self) -> bool:
+        """Whether the last reshape is not an identity."""
+        return any(n != 1 for n in self.output_blocks)
+
+
+def _size_expr(size: Any) -> Any:
+    import sympy
+
+    if isinstance(size, torch.SymInt):
+        return sympy.expand(size.node.expr)
+    return sympy.Integer(int(size))
+
+
+def _quotient(a: Any, b: Any) -> Any:
+    """``a / b`` when it is provably a whole number (an integer polynomial in the size symbols), else None."""
+    import sympy
+
+    q = sympy.cancel(a / b)
+    if sympy.fraction(q)[1] != 1:  # s0 / 2 and 3 / 2 both keep a denominator
+        return None
+    return sympy.expand(q)
+
+
+def _chain_steps(nodes: Sequence[Node]) -> list[tuple[str, Any]] | None:
+    steps: list[tuple[str, Any]] = []
+    for node in nodes:
+        if not is_op(node, *VIEW_CHAIN_OPS):
+            return None
+        if is_op(node, aten.contiguous.default):
+            if normalized_args(node).get("memory_format") not in (None, 0, torch.contiguous_format):
+                return None
+            continue
+        perm = permutation(node)
+        if perm is not None:
+            steps.append(("permute", perm))
+            continue
+        shape = shape_of(node)
+        if shape is None:
+            return None
+        steps.append(("reshape", tuple(_size_expr(s) for s in shape)))
+    return steps
+
+
+def view_chain(nodes: Sequence[Node]) -> ViewChain | None:
+    """The composite of ``nodes``, a chain of :data:`VIEW_CHAIN_OPS` each reading the one before
+    (``nodes[0]`` reads the chain's input), as a :class:`ViewChain`; None when it cannot be proved.
+
+    Sizes come from ``meta["val"]``; a reshape is followed only where each of its output sizes is
+    provably a product of consecutive (pieces of) the sizes it reads, symbolic sizes included
+    (``4*s0`` read as ``s0`` then ``4``), so the composite holds for every value of the symbols.
+    """
+    import sympy
+
+    if not nodes or not isinstance(nodes[0].args[0], Node):
+        return None
+    in_shape = shape_of(nodes[0].args[0])
+    steps = _chain_steps(nodes)
+    if in_shape is None or steps is None:
+        return None
+    sizes: list[Any] = []  # atom id -> size; an atom is a factor of the input no step splits further
+    refined: dict[int, list[int]] = {}  # atom -> the two atoms it was split into
+
+    def new_atom(size: Any) -> int:
+        sizes.append(size)
+        return len(sizes) - 1
+
+    def expand(atom: int) -> list[int]:
+        return [a for part in refined[atom] for a in expand(part)] if atom in refined else [atom]
+
+    inputs = [[] if s == 1 else [new_atom(s)] for s in (_size_expr(x) for x in in_shape)]
+    dims = [list(group) for group in inputs]
+    for kind, arg in steps:
+        if kind == "permute":
+            if len(arg) != len(dims):
+                return None
+            dims = [dims[p] for p in arg]
+            continue
+        seq = [a for group in dims for a in group for a in expand(a)]
+        i, new_dims = 0, []
+        for target in arg:
+            group, rest = [], target
+            while rest != 1:
+                if i >= len(seq):
+                    return None
+                atom = seq[i]
+                q = _quotient(rest, sizes[atom])
+                if q is not None:
+                    group.append(atom)
+                    rest, i = q, i + 1
+                    continue
+                q = _quotient(sizes[atom], rest)
+                if q is None:
+                    return None
+                first, second = new_atom(rest), new_atom(q)
+                refined[atom] = [first, second]
+                group.append(first)
+                seq[i], rest = second, sympy.Integer(1)
+            new_dims.append(group)
+        if i != len(seq):
+            return None
+        dims = new_dims
+    ins = [[a for x in group for a in expand(x)] for group in inputs]
+    outs = [[a for x in group for a in expand(x)] for group in dims]
+    in_order = [a for g in ins for a in g]
+    out_order = [a for g in outs for a in g]
+    if sorted(in_order) != sorted(out_order):
+        return None
+    out_pos = {a: k for k, a in enumerate(out_order)}
+    out_dim = {a: j for j, g in enumerate(outs) for a in g}
+    blocks: list[list[int]] = []
+    input_blocks = []
+    for group in ins:
+        count = 0
+        for a in group:
+            if count and out_pos[a] == out_pos[blocks[-1][-1]] + 1 and out_dim[a] == out_dim[blocks[-1][-1]]:
+                blocks[-1].append(a)
+            else:
+                blocks.append([a])
+                count += 1
+        input_blocks.append(count)
+    perm = tuple(sorted(range(len(blocks)), key=lambda b: out_pos[blocks[b][0]]))
+    first_atoms = {blocks[b][0] for b in range(len(blocks))}
+    output_blocks = tuple(sum(a in first_atoms for a in g) for g in outs)
+    block_sizes = tuple(sympy.expand(sympy.Mul(*(sizes[a] for a in b))) for b in blocks)
+    return ViewChain(block_sizes, tuple(input_blocks), perm, output_blocks)
 
 
 # ----------------------------------------------------------------------------- value identities

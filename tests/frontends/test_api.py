@@ -199,3 +199,36 @@ def test_load_names_a_module_it_cannot_import(tiny_mlp, tmp_path, monkeypatch):
     monkeypatch.setattr(api, "_archive_meta", lambda p: {"pytree_modules": ["no_such_package.outputs"]})
     with pytest.raises(api.ArchiveError, match="'no_such_package.outputs', which cannot be imported"):
         graphopt.load(str(path))
+
+
+def test_load_program_gives_the_stored_example_inputs_and_a_torch_archive_optimizes_again(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU()).eval()
+    x = torch.randn(3, 8)
+    path = tmp_path / "plain.pt2"
+    dims = ({0: torch.export.Dim.AUTO},)
+    torch.export.save(torch.export.export(model, (x,), dynamic_shapes=dims), str(path))  # torch's own archive, no graphopt record
+    program = graphopt.load_program(str(path))
+    (args, kwargs) = program.example_inputs
+    assert torch.equal(args[0], x) and kwargs == {}
+    # the program's module (whose instance train/eval raise) is a model like any other
+    fast = graphopt.optimize(program.module(), [DoubleReluPass()], args)
+    other = torch.randn(5, 8)
+    assert_close(fast(other), model(other))
+    assert_close(graphopt.load(str(path))(other), model(other))
+
+
+@pytest.mark.parametrize("content", ["text", "empty", "checkpoint"])
+def test_load_of_a_file_that_is_not_an_archive_is_one_line(tmp_path, content):
+    import graphopt.frontends.api as api
+
+    path = tmp_path / "model.pt2"
+    if content == "checkpoint":
+        torch.save({"weight": torch.ones(2)}, path)  # a zip file too, but no torch.export archive
+    else:
+        path.write_text("not a zip archive" if content == "text" else "")
+    for loader in (graphopt.load, graphopt.load_program):
+        with pytest.raises(api.ArchiveError) as info:
+            loader(str(path))
+        message = str(info.value)
+        assert message.startswith(f"{path}: not a torch.export archive (") and "\n" not in message

@@ -151,3 +151,52 @@ def test_fallback_with_dynamic_shapes(tiny_mlp):
         gm = graphopt.capture(model, args, dynamic_shapes=({0: dim},))
     assert gm.meta["graphopt_capture"] == "torch.fx.symbolic_trace"
     assert_close(gm(*args), model(*args))
+
+
+# ----------------------------------------------------------------------------- dynamic-shapes spec of a graph
+
+
+class _Scaled(torch.nn.Module):
+    def forward(self, x, mask, *, scale=2.0):
+        return x * scale + mask
+
+
+def test_graph_dynamic_shapes_marks_the_symbolic_dims_by_parameter_name():
+    from graphopt.frontends.capture import graph_dynamic_shapes
+
+    auto = torch.export.Dim.AUTO
+    x, mask = torch.randn(3, 5, 4), torch.randn(4)
+    gm = graphopt.capture(_Scaled(), (x,), {"mask": mask}, dynamic_shapes={"x": {0: auto, 1: auto}, "mask": None})
+    spec = graph_dynamic_shapes(gm)
+    assert spec == {"x": {0: auto, 1: auto}, "mask": None}  # keyword inputs too, keyed by name
+    again = graphopt.capture(gm, (x,), {"mask": mask}, dynamic_shapes=spec, fallback=False)
+    assert graph_dynamic_shapes(again) == spec  # capturing the graph with its spec keeps those dims symbolic
+
+    assert graph_dynamic_shapes(graphopt.capture(_Scaled(), (x, mask))) is None  # static capture
+    assert graph_dynamic_shapes(torch.fx.symbolic_trace(torch.nn.ReLU())) is None  # no shape metadata
+
+
+def test_graph_dynamic_shapes_of_an_exported_programs_module_with_star_args():
+    from graphopt.frontends.capture import graph_dynamic_shapes
+
+    class Pair(torch.nn.Module):
+        def forward(self, *xs):
+            return xs[0] + xs[1]
+
+    auto = torch.export.Dim.AUTO
+    xs = (torch.randn(3, 4), torch.randn(3, 4))
+    module = torch.export.export(Pair(), xs, dynamic_shapes=(({0: auto}, {0: auto}),)).module()
+    # torch names the flattened *xs parameters of the program's module xs_0, xs_1
+    assert graph_dynamic_shapes(module) == {"xs_0": {0: auto}, "xs_1": {0: auto}}
+
+
+def test_an_exported_programs_module_is_captured_and_left_as_it_was():
+    program = torch.export.export(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()), (torch.randn(2, 4),))
+    module = program.module()  # its instance train()/eval() raise: the program's ops are fixed
+    training = module.training
+    x = torch.randn(2, 4)
+    gm = graphopt.capture(module, (x,))
+    assert_close(gm(x), module(x))
+    assert module.training == training
+    with pytest.raises(NotImplementedError):
+        module.eval()  # the caller's module keeps torch's methods

@@ -81,6 +81,7 @@ def factories(tmp_path_factory):
     (folder / "bad_config").mkdir()
     (folder / "bad_config" / "config.json").write_text("{}")
     (folder / "corrupt.pt2").write_text("not a zip archive")
+    torch.save({"weight": torch.ones(2)}, folder / "checkpoint.pt2")  # a zip, but not a torch.export archive
     program = torch.export.export(torch.nn.Linear(4, 3), (torch.randn(2, 4),))
     program.example_inputs = None  # as in archives written by older torch versions
     torch.export.save(program, str(folder / "no_examples.pt2"))
@@ -312,8 +313,14 @@ ERRORS = [  # (arguments, exit status, what the one line says); {f} is the facto
         "MODEL must be zoo:NAME or path/to/file.py:factory, got '{f}/bad_config' (or hf:PATH, FILE.pt2); for the Hugging Face model in that folder, give hf:{f}/bad_config",
     ),
     (["optimize", "zoo:convnet-bn", "--text", "hello", "-q"], 2, "--text builds the example inputs of an hf:PATH model; 'zoo:convnet-bn' brings its own"),
+    (["export", "zoo:convnet-bn", "--text", "hello", "--onnx", "{f}/x.onnx", "-q"], 2, "--text builds the example inputs of an hf:PATH model; 'zoo:convnet-bn' brings its own"),
     (["optimize", "{f}/missing.pt2", "-q"], 2, "no such file: {f}/missing.pt2"),
-    (["dump", "{f}/corrupt.pt2", "--out", "{f}/corrupt_dump", "-q"], 1, "cannot load {f}/corrupt.pt2: "),
+    (["dump", "{f}/corrupt.pt2", "--out", "{f}/corrupt_dump", "-q"], 1, "cannot load {f}/corrupt.pt2: not a torch.export archive (BadZipFile: "),
+    (
+        ["export", "{f}/checkpoint.pt2", "--onnx", "{f}/checkpoint.onnx", "-q"],
+        1,
+        "cannot load {f}/checkpoint.pt2: not a torch.export archive (a zip file without the archive_format entry torch.export.save writes)",
+    ),
     (["optimize", "{f}/no_examples.pt2", "-q"], 1, "{f}/no_examples.pt2 stores no example inputs to capture and verify it with"),
 ]
 
@@ -339,8 +346,10 @@ ERRORS = [  # (arguments, exit status, what the one line says); {f} is the facto
         "hf-a-file",
         "hf-folder-without-prefix",
         "text-for-a-non-hf-model",
+        "export-text-for-a-non-hf-model",
         "pt2-missing",
         "pt2-corrupt",
+        "pt2-not-an-archive",
         "pt2-without-example-inputs",
     ],
 )

@@ -147,6 +147,22 @@ def test_varlen_attention_translation_matches_the_op_on_empty_and_single_token_s
     assert_close(out, torch.ops.graphopt.varlen_attention(q, k, v, cu, 0.3), **FP32)
 
 
+def test_pooling_translations_match_the_ops_on_empty_left_padded_and_holed_sequences(tmp_path):
+    class Pool(torch.nn.Module):
+        def forward(self, packed, mask):
+            return torch.ops.graphopt.sum_tokens(packed, mask), torch.ops.graphopt.select_token(packed, mask, 0), torch.ops.graphopt.select_token(packed, mask, 2)
+
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0], [0, 0, 1, 1], [1, 0, 1, 0]])
+    packed = torch.randn(int(mask.sum()), 3, generator=torch.Generator().manual_seed(0))
+    dims = ({0: Dim.AUTO}, {0: Dim.AUTO, 1: Dim.AUTO})
+    onnx_export.export_onnx(Pool(), (packed, mask), tmp_path / "p.onnx", dynamic_shapes=dims)
+    for m in (mask, torch.zeros(2, 3, dtype=torch.int64), torch.ones(1, 5, dtype=torch.int64)):
+        p = torch.randn(int(m.sum()), 3)
+        outs = _run_onnx(tmp_path / "p.onnx", {"packed": p, "mask": m})
+        for out, ref in zip(outs, Pool()(p, m), strict=True):
+            assert_close(out, ref, **FP32)
+
+
 def test_every_graphopt_op_declares_an_onnx_translation():
     records = [r for r in ir.oprecord.op_records() if r.name.startswith("graphopt::")]
     assert {r.name for r in records} >= {
@@ -155,6 +171,8 @@ def test_every_graphopt_op_declares_an_onnx_translation():
         "graphopt::pack_tokens",
         "graphopt::unpack_tokens",
         "graphopt::varlen_attention",
+        "graphopt::sum_tokens",
+        "graphopt::select_token",
     }
     assert all(r.onnx is not None and callable(r.onnx()) for r in records)
     table = onnx_export.onnx_translation_table()
@@ -238,6 +256,54 @@ def test_cli_export_end_to_end(tmp_path):
     (logits,) = _run_onnx(out, {"input_ids": ids})
     with torch.no_grad():
         assert_close(logits, entry.model(ids).logits, **FP32)
+
+
+def test_cli_export_of_an_hf_folder_builds_the_example_batch_from_text(tmp_path):
+    from transformers import AutoModel, AutoTokenizer
+
+    from tests_helpers import save_tiny_bert
+
+    folder = save_tiny_bert(tmp_path / "bert")
+    texts = ["A short one.", "This second sentence is a good deal longer than the first one."]
+    out = tmp_path / "bert.onnx"
+    done = _cli("export", f"hf:{folder}", "--passes", "canonicalize", "--text", texts[0], "--text", texts[1], "--onnx", out)
+    assert done.returncode == 0, done.stderr
+    model = AutoModel.from_pretrained(folder, local_files_only=True).eval()
+    ids, mask = zoo.tokenize(AutoTokenizer.from_pretrained(folder, local_files_only=True), texts)
+    assert f"example batch: 2 sentences, padded to {ids.shape[1]} tokens" in done.stderr
+    hidden, pooled = _run_onnx(out, {"input_ids": ids, "attention_mask": mask})
+    fast = graphopt.optimize(model, ["canonicalize"], (ids, mask))  # the graph the command exported
+    with torch.no_grad():
+        graph, original = fast(ids, mask), model(ids, mask)
+    assert_close(hidden, graph.last_hidden_state, **FP32)
+    assert_close(pooled, graph.pooler_output, **FP32)
+    assert_close(hidden, original.last_hidden_state, **FP32, msg="vs the original")
+
+
+@pytest.mark.parametrize("writer", ["graphopt.save", "torch.export.save"])
+def test_cli_dump_and_export_of_an_archive(tmp_path, writer):
+    entry = zoo.load("convnet-bn")
+    model, (x,) = entry.model, entry.example_inputs
+    path = tmp_path / "convbn.pt2"
+    if writer == "graphopt.save":
+        graphopt.save(graphopt.optimize(model, [], (x,)), str(path), (x,))
+    else:
+        torch.export.save(torch.export.export(model, (x,), dynamic_shapes=({0: Dim.AUTO},)), str(path))  # no graphopt record
+
+    done = _cli("dump", path, "--passes", "fold_batchnorm", "--out", tmp_path / "dump", "--no-onnx")
+    assert done.returncode == 0, done.stderr
+    assert f"loaded {path}: a torch.export program, 1 input" in done.stderr
+    assert re.search(r"^\| fold_batchnorm \| exact +\| applied ", (tmp_path / "dump" / "report.md").read_text(), flags=re.M)
+    assert re.search(r"^x: f32\[s\d+, 3, 32, 32\] = input$", (tmp_path / "dump" / "00_captured.txt").read_text(), flags=re.M)
+
+    out = tmp_path / "convbn.onnx"
+    done = _cli("export", path, "--passes", "fold_batchnorm", "--onnx", out, "-q")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.rstrip().endswith(f"wrote {out} (torch.export-based exporter)")
+    other = torch.randn(5, 3, 32, 32)  # the archive's batch stayed dynamic through the re-capture and the export
+    (y,) = _run_onnx(out, {"x": other})
+    with torch.no_grad():
+        assert_close(y, model(other), **FP32)
 
 
 @pytest.mark.parametrize(

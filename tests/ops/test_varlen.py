@@ -127,6 +127,36 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.graphopt.unpack_tokens.default, (x[mask.bool()], mask))
     torch.library.opcheck(torch.ops.graphopt.varlen_attention.default, (q, k, v, cu))
     torch.library.opcheck(torch.ops.graphopt.varlen_attention.default, (q, k, v, cu, 0.5))
+    torch.library.opcheck(torch.ops.graphopt.sum_tokens.default, (x[mask.bool()], mask))
+    torch.library.opcheck(torch.ops.graphopt.select_token.default, (x[mask.bool()], mask, 3))
+
+
+# rows: full, empty, left-padded, holes, single token at the end
+POOLING_MASK = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 0, 0, 0], [0, 0, 1, 1, 1], [1, 0, 1, 0, 1], [0, 0, 0, 0, 1]])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int64])
+def test_pooled_ops_equal_pooling_the_unpacked_tokens(dtype, mask_dtype):
+    mask = POOLING_MASK.to(mask_dtype)
+    packed = torch.randn(int(POOLING_MASK.sum()), 3, 2, generator=torch.Generator().manual_seed(0)).to(dtype)
+    unpacked = torch.ops.graphopt.unpack_tokens(packed, mask)
+    summed = torch.ops.graphopt.sum_tokens(packed, mask)
+    assert summed.shape == (5, 3, 2) and summed.dtype == dtype
+    assert_close(summed, unpacked.sum(1), rtol=1e-6 if dtype != torch.bfloat16 else 1e-2, atol=1e-6 if dtype != torch.bfloat16 else 1e-2)
+    assert torch.all(summed[1] == 0)  # the empty sequence
+    for position in range(5):
+        assert torch.equal(torch.ops.graphopt.select_token(packed, mask, position), unpacked[:, position])  # a gather: bit for bit
+
+
+def test_pooled_ops_of_no_tokens_and_their_references():
+    mask = torch.zeros(3, 4, dtype=torch.int64)
+    packed = torch.empty(0, 5)
+    assert torch.equal(torch.ops.graphopt.sum_tokens(packed, mask), torch.zeros(3, 5))
+    assert torch.equal(torch.ops.graphopt.select_token(packed, mask, 2), torch.zeros(3, 5))
+    packed = torch.randn(int(POOLING_MASK.sum()), 4)
+    assert_close(varlen.sum_tokens(packed, POOLING_MASK), varlen.reference.sum_tokens_reference(packed, POOLING_MASK), rtol=1e-6, atol=1e-6)
+    assert torch.equal(varlen.select_token(packed, POOLING_MASK, 2), varlen.reference.select_token_reference(packed, POOLING_MASK, 2))
 
 
 class PackedEncoderLayer(torch.nn.Module):

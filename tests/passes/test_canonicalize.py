@@ -354,7 +354,7 @@ def test_rewrites_what_it_can_and_reports_the_rest():
         return _attend(q @ k.transpose(-2, -1) * SCALE, v), kept @ v, kept
 
     opt, record = run_pass("canonicalize", Fn(fn), _qkv(0), strict=True)
-    assert record.status == APPLIED and record.stats == {"attention": 1, "layer_norm": 0, "rms_norm": 0, "identity_views": 0}
+    assert record.status == APPLIED and record.stats == {"attention": 1, "layer_norm": 0, "rms_norm": 0, "identity_views": 0, "view_chains": 0}
     assert record.reason == "left alone: softmax: the attention probabilities (softmax) have 2 users: matmul_3, output"
     assert count_ops(opt.graph_module)[SDPA] == 1 and count_ops(opt.graph_module)["aten.softmax.int"] == 1
 
@@ -363,7 +363,7 @@ def test_not_applicable_without_attention_or_norm():
     mlp = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8)).eval()
     _, record = run_pass("canonicalize", mlp, (torch.randn(2, 8),))
     assert record.status == NOT_APPLICABLE
-    assert record.reason == "no explicit attention or normalization formula and no identity view in the graph"
+    assert record.reason == "no explicit attention or normalization formula, no identity view and no chain of views to rewrite in the graph"
 
 
 # ----------------------------------------------------------------------------- norms
@@ -416,7 +416,7 @@ def test_layer_norm_formulas(form, eps, weight, bias):
     x0, x1 = torch.randn(2, 5, 16) * 3 + 1, torch.randn(2, 5, 16)
     opt, ln = _assert_norm(model, x0, x1, torch.ops.aten.layer_norm.default)
     assert ln.args[4] == eps and (ln.args[2] is not None) == weight and (ln.args[3] is not None) == bias
-    assert opt.report.record("canonicalize").stats == {"attention": 0, "layer_norm": 1, "rms_norm": 0, "identity_views": 0}
+    assert opt.report.record("canonicalize").stats == {"attention": 0, "layer_norm": 1, "rms_norm": 0, "identity_views": 0, "view_chains": 0}
 
 
 class RMSNormFormula(nn.Module):
@@ -485,9 +485,9 @@ def test_norm_near_misses_are_left_alone_with_a_reason(case):
 # ----------------------------------------------------------------------------- zoo models
 
 
-def _zoo_equivalence(entry, other_inputs, attention, layer_norm=0, rms_norm=0, identity_views=0):
+def _zoo_equivalence(entry, other_inputs, attention, layer_norm=0, rms_norm=0, identity_views=0, view_chains=0):
     opt = _assert_attention(entry.model, entry.example_inputs, other_inputs, n=attention)
-    stats = {"attention": attention, "layer_norm": layer_norm, "rms_norm": rms_norm, "identity_views": identity_views}
+    stats = {"attention": attention, "layer_norm": layer_norm, "rms_norm": rms_norm, "identity_views": identity_views, "view_chains": view_chains}
     assert opt.report.record("canonicalize").stats == stats
     return opt
 
@@ -525,7 +525,7 @@ def test_minilm_sdpa_and_eager_canonicalize_to_the_same_graph():
     for entry, attention in ((sdpa, 0), (eager, 6)):
         opt = graphopt.optimize(entry.model, ["canonicalize"], entry.example_inputs, dynamic_shapes=entry.dynamic_shapes, strict=True)
         record = opt.report.record("canonicalize")
-        assert record.status == APPLIED and record.stats == {"attention": attention, "layer_norm": 0, "rms_norm": 0, "identity_views": 8}
+        assert record.status == APPLIED and record.stats == {"attention": attention, "layer_norm": 0, "rms_norm": 0, "identity_views": 8, "view_chains": 0}
         graphs[entry.name] = count_ops(opt.graph_module)
         with torch.no_grad():
             assert_close(opt(*entry.example_inputs), entry.model(*entry.example_inputs), max_rel_err=1e-5)
@@ -556,11 +556,53 @@ def test_identity_views_go_and_reshapes_read_through_contiguous():
         assert_close(opt(*other), merge_heads(*other))
 
 
-@pytest.mark.parametrize(("name", "rms_norm", "identity_views"), [("gpt2-tiny", 0, 3), ("llama-tiny", 5, 3)])
-def test_causal_decoders_eager(name, rms_norm, identity_views):
+def _mha_heads(x):
+    """nn.MultiheadAttention's sequence-first head split: the in-projection [S, B, 3E] unflattened,
+    reshuffled by unsqueeze / transpose / squeeze, and each of q, k, v moved to [B, H, S, D]."""
+    s, b, _ = x.shape
+    qkv = x.unflatten(-1, (3, H * D)).unsqueeze(0).transpose(0, -2).squeeze(-2).contiguous()
+    return tuple(t.view(s, b * H, D).transpose(0, 1).view(b, H, s, D) for t in qkv)
+
+
+def test_view_chains_become_split_permute_merge():
+    dims = (({0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO},),)  # Fn takes *args
+    x = torch.randn(L, B, 3 * H * D)
+    opt, record = run_pass("canonicalize", Fn(_mha_heads), (x,), dynamic_shapes=dims, strict=True)
+    assert record.status == APPLIED and record.stats["view_chains"] == 4  # the shuffle, then q, k and v
+    ops = count_ops(opt.graph_module)
+    assert ops["aten.unsqueeze.default"] == ops["aten.squeeze.dim"] == ops["aten.transpose.int"] == ops["aten.view.default"] == 0
+    # [S, B, 3E] -> unflatten -> permute -> contiguous (the selects read it), each head split one unflatten and permute
+    assert ops["aten.unflatten.int"] == 4 and ops["aten.permute.default"] == 4 and ops["aten.contiguous.default"] == 1
+    perms = sorted(tuple(n.args[1]) for n in opt.graph_module.graph.nodes if n.target is torch.ops.aten.permute.default)
+    assert perms == [(1, 2, 0, 3)] * 3 + [(2, 0, 1, 3)]
+    other = torch.randn(7, 3, 3 * H * D)
+    with torch.no_grad():
+        for got, want in zip(opt(other), _mha_heads(other)):
+            assert_close(got, want, max_rel_err=0)
+    again, report = graphopt.PassManager(["canonicalize"], strict=True).run(opt.graph_module, (x,))
+    assert report.record("canonicalize").status == NOT_APPLICABLE  # a fixed point
+
+
+def test_view_chains_left_alone_when_not_split_permute_merge():
+    """``[6, 4] -> transpose -> view [3, 8]`` regroups the elements across the permuted
+    dimensions (3 does not divide 4): no split, permute, merge computes it, so it stays;
+    and a head split already in the form (view, then transpose) is not respelled."""
+
+    def regroup(x):
+        return x.transpose(0, 1).reshape(3, 8) * 2, x.view(6, 2, 2).transpose(0, 1) + 1
+
+    x = torch.randn(6, 4)
+    before = count_ops(graphopt.capture(Fn(regroup), (x,)))
+    opt, record = run_pass("canonicalize", Fn(regroup), (x,), strict=True)
+    assert record.status == NOT_APPLICABLE, record
+    assert count_ops(opt.graph_module) == before
+
+
+@pytest.mark.parametrize(("name", "rms_norm", "identity_views", "view_chains"), [("gpt2-tiny", 0, 3, 2), ("llama-tiny", 5, 3, 0)])
+def test_causal_decoders_eager(name, rms_norm, identity_views, view_chains):
     entry = zoo.load(name, attn_implementation="eager")
     entry.model.config.use_cache = False  # the captured graph has no KV cache; compare like with like
-    _zoo_equivalence(entry, (_other_tokens(entry, 1000),), attention=2, rms_norm=rms_norm, identity_views=identity_views)
+    _zoo_equivalence(entry, (_other_tokens(entry, 1000),), attention=2, rms_norm=rms_norm, identity_views=identity_views, view_chains=view_chains)
 
 
 def test_vit_small_eager():

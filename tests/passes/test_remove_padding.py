@@ -17,6 +17,8 @@ SDPA = "aten.scaled_dot_product_attention.default"
 VARLEN = "graphopt.varlen_attention.default"
 PACK = "graphopt.pack_tokens.default"
 UNPACK = "graphopt.unpack_tokens.default"
+SUM_TOKENS = "graphopt.sum_tokens.default"
+SELECT_TOKEN = "graphopt.select_token.default"
 TOKEN_DIMS = ({0: Dim.AUTO, 1: Dim.AUTO},) * 2
 
 
@@ -41,8 +43,8 @@ def minilm():
         RemovePadding(),
         entry.model,
         entry.example_inputs,
-        gone=[SDPA],
-        present=[VARLEN, PACK, UNPACK],
+        gone=[SDPA, UNPACK],
+        present=[VARLEN, PACK, SUM_TOKENS],
         other_inputs=batches,
         dynamic_shapes=entry.dynamic_shapes,
     )
@@ -58,13 +60,15 @@ def test_minilm_embeddings_equal_the_padded_models(minilm):
         assert_close(packed, reference, rtol=0, atol=1e-5)
 
 
-def test_minilm_graph_packs_once_and_unpacks_once(minilm):
+def test_minilm_graph_packs_once_and_mean_pools_the_packed_tokens(minilm):
     _, optimized, _ = minilm
     ops = count_ops(optimized.graph_module)
     assert ops[SDPA] == 0 and ops[VARLEN] == 6
-    assert ops[PACK] == 1 and ops[UNPACK] == 1
+    # only the pooled embedding leaves the graph: the masked sum reads the packed tokens, nothing is unpacked
+    assert ops[PACK] == 1 and ops[UNPACK] == 0 and ops[SUM_TOKENS] == 1 and ops["aten.mul.Tensor"] == 0
     record = optimized.report.record("remove_padding")
     assert record.status == APPLIED and record.stats["attentions"] == 6 and record.stats["mask_input"] == "attention_mask"
+    assert record.stats["unpacks"] == 0 and record.stats["pooled"] == 1
     # the pack sits after the embeddings sum (position embeddings are added before packing)
     (pack,) = [n for n in optimized.graph_module.graph.nodes if n.target is torch.ops.graphopt.pack_tokens.default]
     assert pack.args[0].target is torch.ops.aten.add.Tensor
@@ -115,6 +119,92 @@ def test_tiny_bert_valid_tokens_equal_each_sequence_alone():
                 assert_close(out.last_hidden_state[row, :n], alone.last_hidden_state[0], rtol=0, atol=1e-5)
                 assert_close(out.pooler_output[row], alone.pooler_output[0], rtol=0, atol=1e-5)  # CLS pooling
                 assert torch.all(out.last_hidden_state[row, n:] == 0)  # pads are zeros by design
+
+
+class _Pooled(nn.Module):
+    """The tiny BERT's hidden states pooled over the sequence as users write it."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.bert, self.how = _tiny_bert(), how
+
+    def forward(self, ids, mask):
+        out = self.bert(input_ids=ids, attention_mask=mask)
+        hidden, gate = out.last_hidden_state, mask.unsqueeze(-1).to(out.last_hidden_state.dtype)
+        if self.how == "mean":  # sentence-transformers
+            return (hidden * gate).sum(dim=1) / gate.sum(dim=1).clamp(min=1e-9)
+        if self.how == "mean-keepdim":
+            return (hidden * gate).sum(1, keepdim=True) / gate.sum(1, keepdim=True)
+        if self.how == "where":
+            return torch.where(mask.bool()[..., None], hidden, 0.0).sum(-2)
+        if self.how == "masked_fill":
+            return hidden.masked_fill(~mask.bool()[..., None], 0.0).sum(1)
+        if self.how == "cls":
+            return hidden[:, 0]
+        if self.how == "pooler":  # BertPooler: CLS -> dense -> tanh
+            return out.pooler_output
+        if self.how == "cls-and-tokens":
+            return hidden[:, 0], hidden
+        if self.how == "half-gate":  # pads zeroed, but valid tokens halved: not what unpacking gives
+            return (hidden * (gate * 0.5)).sum(1)
+        if self.how == "scaled-before-sum":  # the gated value is scaled before the sum
+            return (hidden * gate * 2.0).sum(1)
+        raise ValueError(self.how)
+
+
+POOLED_OP = {"mean": SUM_TOKENS, "mean-keepdim": SUM_TOKENS, "where": SUM_TOKENS, "masked_fill": SUM_TOKENS, "cls": SELECT_TOKEN, "pooler": SELECT_TOKEN}
+
+
+@pytest.mark.parametrize("how", list(POOLED_OP))
+def test_pooling_reads_the_packed_tokens_when_only_the_pooled_output_leaves(how):
+    model = _Pooled(how).eval()
+    optimized = graphopt.optimize(model, ["canonicalize", RemovePadding()], _mixed_batch([9, 1, 6], 9, seed=0), dynamic_shapes=TOKEN_DIMS, strict=True)
+    ops = count_ops(optimized.graph_module)
+    assert ops[UNPACK] == 0 and ops[POOLED_OP[how]] == 1 and ops[VARLEN] == 1  # the padded [B, S, H] tensor is never built
+    assert optimized.report.record("remove_padding").stats["pooled"] == 1
+    for lengths, seq in [([9, 1, 6], 9), ([3, 11, 11, 7], 11), ([5, 5], 5), ([1], 1)]:
+        ids, mask = _mixed_batch(lengths, seq, seed=seq)
+        with torch.no_grad():
+            out, ref = optimized(ids, mask), model(ids, mask)
+            assert out.shape == ref.shape
+            assert_close(out, ref, rtol=0, atol=1e-5, msg=f"{how} {lengths}")
+            for row, n in enumerate(lengths):  # and each sequence pooled alone, unpadded
+                alone = model(ids[row : row + 1, :n], mask[row : row + 1, :n])
+                assert_close(out[row], alone[0], rtol=0, atol=1e-5)
+
+
+def test_cls_of_a_left_padded_row_is_zeros_and_other_rows_exact():
+    model = _Pooled("cls").eval()
+    optimized = graphopt.optimize(model, ["canonicalize", RemovePadding()], _mixed_batch([9, 1, 6], 9, seed=0), dynamic_shapes=TOKEN_DIMS)
+    ids, mask = _mixed_batch([7, 7, 7], 7, seed=3)
+    mask[1, :2] = 0  # left padding: row 1's position 0 is a pad, whose value the original computes from a pad token
+    with torch.no_grad():
+        out, ref = optimized(ids, mask), model(ids, mask)
+    assert_close(out[[0, 2]], ref[[0, 2]], rtol=0, atol=1e-5)
+    assert torch.all(out[1] == 0)  # as unpacking gives, and the declared output mask leaves out
+
+
+def test_cls_pooled_from_packed_while_the_tokens_are_also_unpacked():
+    model = _Pooled("cls-and-tokens").eval()
+    optimized = graphopt.optimize(model, ["canonicalize", RemovePadding()], _mixed_batch([9, 1, 6], 9, seed=0), dynamic_shapes=TOKEN_DIMS, strict=True)
+    ops = count_ops(optimized.graph_module)
+    assert ops[UNPACK] == 1 and ops[SELECT_TOKEN] == 1
+    ids, mask = _mixed_batch([3, 11, 7], 11, seed=4)
+    with torch.no_grad():
+        (cls, hidden), (cls_ref, hidden_ref) = optimized(ids, mask), model(ids, mask)
+    assert_close(cls, cls_ref, rtol=0, atol=1e-5)
+    assert_close(hidden[mask.bool()], hidden_ref[mask.bool()], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("how", ["half-gate", "scaled-before-sum"])
+def test_sums_that_are_not_a_pooling_of_the_unpacked_tokens_keep_the_unpack(how):
+    model = _Pooled(how).eval()
+    optimized = graphopt.optimize(model, ["canonicalize", RemovePadding()], _mixed_batch([9, 1, 6], 9, seed=0), dynamic_shapes=TOKEN_DIMS, strict=True)
+    ops = count_ops(optimized.graph_module)
+    assert ops[UNPACK] == 1 and ops[SUM_TOKENS] == 0
+    ids, mask = _mixed_batch([3, 11, 7], 11, seed=5)
+    with torch.no_grad():
+        assert_close(optimized(ids, mask), model(ids, mask), rtol=0, atol=1e-5)
 
 
 class _Encoder(nn.Module):
@@ -231,23 +321,49 @@ def test_fused_qkv_is_followed(how):
     assert_close(out[valid], ref[valid])
 
 
-def test_transformer_encoder_key_padding_mask_is_recognised():
-    """nn.TransformerEncoder's key-padding mask (masked_fill_ on a fresh zeros_like) is a padding
-    mask; what still stops the pass is nn.MultiheadAttention's in-projection, laid out
-    sequence-first and reshuffled (unsqueeze, transpose, squeeze) before the heads are merged into
-    the batch dimension, and the reason names the first op it cannot follow."""
+class _TorchEncoder(nn.Module):
+    """``nn.TransformerEncoder`` with a key-padding mask, as users build it: batch-first, or
+    sequence-first with the model transposing its embeddings to ``[S, B, E]``."""
 
-    class Encoder(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embed = nn.Embedding(100, 16)
-            layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
-            self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    def __init__(self, batch_first: bool, norm_first: bool, final_norm: bool, nested: bool):
+        super().__init__()
+        self.batch_first = batch_first
+        self.embed = nn.Embedding(100, 16)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.1, batch_first=batch_first, norm_first=norm_first)
+        norm = nn.LayerNorm(16) if final_norm else None
+        self.encoder = nn.TransformerEncoder(layer, 2, norm=norm, enable_nested_tensor=nested)
 
-        def forward(self, ids, mask):
-            return self.encoder(self.embed(ids), src_key_padding_mask=mask == 0)
+    def forward(self, ids, mask):
+        x = self.embed(ids)
+        if not self.batch_first:
+            x = x.transpose(0, 1)
+        return self.encoder(x, src_key_padding_mask=mask == 0)
 
-    record = assert_not_applicable(
-        RemovePadding(), Encoder().eval(), _encoder_inputs(), reason_contains="unsqueeze (aten.unsqueeze.default)", dynamic_shapes=TOKEN_DIMS
-    )
-    assert "masked_fill_" not in record.reason and "not token-wise" in record.reason
+
+@pytest.mark.filterwarnings("ignore:enable_nested_tensor is True", "ignore:The PyTorch API of nested tensors")
+@pytest.mark.parametrize("final_norm", [False, True], ids=["", "final_norm"])
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post_ln", "pre_ln"])
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "seq_first"])
+def test_torch_transformer_encoder_valid_tokens_equal_each_sequence_alone(batch_first, norm_first, final_norm):
+    """nn.MultiheadAttention's sequence-first head split (in-projection unflattened to [S, B, 3, E],
+    q, k, v selected, heads moved to [B, H, S, D]) and its head merge through [S*B, E] are
+    followed; the default enable_nested_tensor=True exports the same graph (no nested tensors)."""
+    torch.manual_seed(0)
+    model = _TorchEncoder(batch_first, norm_first, final_norm, nested=not final_norm).eval()
+    optimized = graphopt.optimize(model, ["canonicalize", RemovePadding()], _encoder_inputs(), dynamic_shapes=TOKEN_DIMS, strict=True)
+    record = optimized.report.record("remove_padding")
+    assert record.status == APPLIED, record.reason
+    ops = count_ops(optimized.graph_module)
+    assert ops[VARLEN] == 2 and ops[SDPA] == 0 and ops[PACK] == 1
+    assert ops["aten.unsqueeze.default"] == ops["aten.squeeze.dim"] == 0  # canonicalize's view chains
+
+    lengths, seq = [3, 7, 1, 5], 7  # another batch and length than the capture's
+    ids, mask = _mixed_batch(lengths, seq, seed=2)
+    with torch.no_grad():
+        out = optimized(ids, mask)
+        for row, n in enumerate(lengths):
+            alone = model(ids[row : row + 1, :n], mask[row : row + 1, :n])
+            if batch_first:
+                assert_close(out[row, :n], alone[0])
+            else:
+                assert_close(out[:n, row], alone[:, 0])

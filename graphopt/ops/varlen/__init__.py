@@ -11,7 +11,12 @@ building blocks of the ``remove_padding`` pass:
 * ``graphopt::unpack_tokens(packed, mask)``: the inverse, ``[T, *rest] -> [B, S, *rest]`` with
   zeros at pad positions;
 * ``graphopt::varlen_attention(q, k, v, cu_seqlens, scale=None)``: bidirectional (encoder)
-  attention of each packed token to the tokens of its own sequence only.
+  attention of each packed token to the tokens of its own sequence only;
+* ``graphopt::sum_tokens(packed, mask)``: ``[T, *rest] -> [B, *rest]``, the sum of each sequence's
+  tokens, as ``unpack_tokens(packed, mask).sum(1)`` (masked mean pooling without the padded tensor);
+* ``graphopt::select_token(packed, mask, position)``: ``[T, *rest] -> [B, *rest]``, each
+  sequence's token at ``position``, zeros where it is a pad, as ``unpack_tokens(packed, mask)[:, position]``
+  (CLS pooling without the padded tensor).
 
 ``T`` is data-dependent: the fake implementations give it as an unbacked symbolic size
 (``new_dynamic_size``), so graphs holding these ops export, propagate shapes and save with
@@ -28,14 +33,16 @@ In an ATen graph, the pass computes the offsets of :func:`cu_seqlens` from the `
 which is what :func:`cu_seqlens` captures to.
 
 The folder: ``reference.py`` (the definitions, with :func:`cu_seqlens`), ``cpu.py`` (bucketed SDPA,
-the attention on every device without a kernel of its own), this module (the ops, their FLOP
-rules and records, and the CUDA kernel of ``varlen_attention``). None of the three is token-wise
-in ``remove_padding``'s sense: the pass itself places them.
+the attention on every device without a kernel of its own, and the pooling kernels), ``onnx.py``
+(their ONNX translations), this module (the ops, their FLOP rules and records, and the CUDA kernel
+of ``varlen_attention``). None of them is token-wise in ``remove_padding``'s sense: the pass itself
+places them.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 from torch import Tensor
@@ -44,10 +51,22 @@ from torch.fx import Node
 from graphopt.ir import normalized_args, shape_of
 from graphopt.ir.flops import example_value, size
 from graphopt.ir.oprecord import OpRecord, register_op
-from graphopt.ops.varlen.cpu import _length_buckets, varlen_attention_bucketed  # noqa: F401  (_length_buckets: checked by the tests)
-from graphopt.ops.varlen.reference import cu_seqlens, pack_tokens_reference, unpack_tokens_reference, varlen_attention_reference
+from graphopt.ops.varlen.cpu import (  # noqa: F401  (_length_buckets: checked by the tests)
+    _length_buckets,
+    select_token_gathered,
+    sum_tokens_segmented,
+    varlen_attention_bucketed,
+)
+from graphopt.ops.varlen.reference import (
+    cu_seqlens,
+    pack_tokens_reference,
+    select_token_reference,
+    sum_tokens_reference,
+    unpack_tokens_reference,
+    varlen_attention_reference,
+)
 
-__all__ = ["cu_seqlens", "pack_tokens", "unpack_tokens", "varlen_attention", "varlen_attention_reference"]
+__all__ = ["cu_seqlens", "pack_tokens", "select_token", "sum_tokens", "unpack_tokens", "varlen_attention", "varlen_attention_reference"]
 
 
 @torch.library.custom_op("graphopt::pack_tokens", mutates_args=())
@@ -90,6 +109,31 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, scale:
 
 def _varlen_attention_fake(q, k, v, cu_seqlens, scale=None):
     return q.new_empty((q.shape[0], q.shape[1], v.shape[-1]))
+
+
+@torch.library.custom_op("graphopt::sum_tokens", mutates_args=())
+def sum_tokens(packed: Tensor, mask: Tensor) -> Tensor:
+    """The sum of each sequence's packed tokens: ``[T, *rest] -> [B, *rest]``, as
+    ``unpack_tokens(packed, mask).sum(1)`` computes it (an empty sequence sums to zeros)."""
+    return sum_tokens_segmented(packed, mask)
+
+
+def _pooled_fake(packed, mask, *args):
+    return packed.new_empty((mask.shape[0], *packed.shape[1:]))
+
+
+@torch.library.custom_op("graphopt::select_token", mutates_args=())
+def select_token(packed: Tensor, mask: Tensor, position: int) -> Tensor:
+    """Each sequence's token at ``position`` (a position of the padded ``[B, S]`` layout, ``>= 0``):
+    ``[T, *rest] -> [B, *rest]``, zeros where that position is a pad, as
+    ``unpack_tokens(packed, mask)[:, position]`` computes it."""
+    return select_token_gathered(packed, mask, position)
+
+
+def _sum_tokens_flops(node: Node) -> int:
+    """One add per packed element."""
+    packed = shape_of(normalized_args(node)["packed"])
+    return math.prod(size(s) for s in packed) if packed else 0
 
 
 def _varlen_attention_flops(node: Node) -> int:
@@ -143,6 +187,18 @@ register_op(
         fake=_varlen_attention_fake,
         flops=_varlen_attention_flops,
         onnx=lambda: _onnx().varlen_attention,
+    )
+)
+register_op(
+    OpRecord(op=torch.ops.graphopt.sum_tokens, reference=sum_tokens_reference, fake=_pooled_fake, flops=_sum_tokens_flops, onnx=lambda: _onnx().sum_tokens)
+)
+register_op(
+    OpRecord(
+        op=torch.ops.graphopt.select_token,
+        reference=select_token_reference,
+        fake=_pooled_fake,
+        flops=_moves_tokens,
+        onnx=lambda: _onnx().select_token,
     )
 )
 

@@ -7,6 +7,10 @@ Bucket boundaries trade padded work against the fixed cost of one more bucket (s
 :func:`_length_buckets`). A batch without padding is one SDPA call on a view, with no gather.
 Explicit matmul-softmax-matmul is no faster than SDPA's CPU flash kernel even on short buckets,
 and torch's nested-tensor SDPA runs ~30x slower than padded SDPA on CPU: neither is used.
+
+The pooling ops read the packed rows directly, without the padded ``[B, S, *rest]`` tensor:
+``sum_tokens`` by ``torch.segment_reduce`` over the sequence lengths (~10x faster than unpacking and
+summing on a MiniLM-sized batch), ``select_token`` by one row gather.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["varlen_attention_bucketed"]
+__all__ = ["select_token_gathered", "sum_tokens_segmented", "varlen_attention_bucketed"]
 
 # Fixed cost of one more bucket (gather, mask, SDPA call, scatter), in multiply-adds of attention
 # (one query-key pair times heads times head dims); ~25 us on CPU, tuned on real sentence lengths.
@@ -80,4 +84,22 @@ def varlen_attention_bucketed(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tenso
     for bucket in _length_buckets(lengths, heads * (head_dim + v.shape[-1])):
         rows_out, rows = _bucket_attention(q, k, v, [starts[i] for i in bucket], [lengths[i] for i in bucket], scale)
         out.index_copy_(0, rows, rows_out)
+    return out
+
+
+def sum_tokens_segmented(packed: Tensor, mask: Tensor) -> Tensor:
+    """``graphopt::sum_tokens``: one segment sum over the packed rows; empty sequences sum to 0."""
+    lengths = mask.ne(0).sum(1)
+    return torch.segment_reduce(packed, "sum", lengths=lengths, axis=0, unsafe=True)
+
+
+def select_token_gathered(packed: Tensor, mask: Tensor, position: int) -> Tensor:
+    """``graphopt::select_token``: the packed row of token ``position`` of each sequence where it is
+    valid (the sequence's offset plus its valid tokens before ``position``), zeros elsewhere."""
+    valid = mask.ne(0)
+    counts = valid.sum(1)
+    rows = counts.cumsum(0) - counts + valid[:, :position].sum(1)
+    present = valid[:, position]
+    out = packed.new_zeros((mask.shape[0], *packed.shape[1:]))
+    out[present] = packed.index_select(0, rows[present])
     return out

@@ -11,7 +11,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["cu_seqlens", "pack_tokens_reference", "unpack_tokens_reference", "varlen_attention_reference"]
+__all__ = [
+    "cu_seqlens",
+    "pack_tokens_reference",
+    "select_token_reference",
+    "sum_tokens_reference",
+    "unpack_tokens_reference",
+    "varlen_attention_reference",
+]
 
 
 def cu_seqlens(mask: Tensor) -> Tensor:
@@ -33,6 +40,17 @@ def unpack_tokens_reference(packed: Tensor, mask: Tensor) -> Tensor:
     out = packed.new_zeros((*mask.shape, *packed.shape[1:]))
     out[mask.ne(0)] = packed
     return out
+
+
+def sum_tokens_reference(packed: Tensor, mask: Tensor) -> Tensor:
+    """The sum of each sequence's packed tokens, ``[B, *rest]``: ``unpack_tokens(packed, mask).sum(1)``."""
+    return unpack_tokens_reference(packed, mask).sum(1)
+
+
+def select_token_reference(packed: Tensor, mask: Tensor, position: int) -> Tensor:
+    """Each sequence's token at ``position``, ``[B, *rest]``, zeros where it is a pad:
+    ``unpack_tokens(packed, mask)[:, position]``."""
+    return unpack_tokens_reference(packed, mask).select(1, position)
 
 
 def varlen_attention_reference(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, scale: float | None = None) -> Tensor:
