@@ -69,6 +69,8 @@ def test_every_graphopt_op_matches_its_reference_and_fake():
         "pack_tokens": (x, mask),
         "unpack_tokens": (x[mask.bool()], mask),
         "varlen_attention": (packed, packed.flip(0), packed * 2, cu),
+        "sum_tokens": (x[mask.bool()], mask),
+        "select_token": (x[mask.bool()], mask, 4),  # a pad in row 0, a token in row 1
     }
     assert sorted(f"graphopt::{name}" for name in calls) == _graphopt_ops(), "a new op needs a case here"
     for name, args in calls.items():

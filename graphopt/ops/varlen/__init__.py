@@ -42,7 +42,6 @@ places them.
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 from torch import Tensor
@@ -130,12 +129,6 @@ def select_token(packed: Tensor, mask: Tensor, position: int) -> Tensor:
     return select_token_gathered(packed, mask, position)
 
 
-def _sum_tokens_flops(node: Node) -> int:
-    """One add per packed element."""
-    packed = shape_of(normalized_args(node)["packed"])
-    return math.prod(size(s) for s in packed) if packed else 0
-
-
 def _varlen_attention_flops(node: Node) -> int:
     """Per sequence of length ``L_b``: ``2 * L_b² * H * (D + Dv)``, as SDPA on it alone.
 
@@ -157,7 +150,9 @@ def _varlen_attention_flops(node: Node) -> int:
 
 
 def _moves_tokens(node: Node) -> int:
-    """Packing moves tokens and computes nothing."""
+    """Packing moves tokens and computes nothing; pooling is a reduction, memory-bound, counted as
+    zero as :mod:`graphopt.ir.flops` counts ``aten.sum`` (so pooling the packed tokens instead of the
+    padded ones changes no count)."""
     return 0
 
 
@@ -190,7 +185,7 @@ register_op(
     )
 )
 register_op(
-    OpRecord(op=torch.ops.graphopt.sum_tokens, reference=sum_tokens_reference, fake=_pooled_fake, flops=_sum_tokens_flops, onnx=lambda: _onnx().sum_tokens)
+    OpRecord(op=torch.ops.graphopt.sum_tokens, reference=sum_tokens_reference, fake=_pooled_fake, flops=_moves_tokens, onnx=lambda: _onnx().sum_tokens)
 )
 register_op(
     OpRecord(
