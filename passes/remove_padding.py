@@ -786,11 +786,13 @@ def _rewrite(gm: GraphModule, plan: _Plan) -> dict[str, int]:
 
     # a pooling reads the packed exit: its select, or the mask gate of its sums, needs no unpacking
     pooling_readers = {p.node if p.position is not None else p.node.args[0] for p in plan.poolings}
+    unpacks = 0
     for node, layout in plan.exits.items():
         rank = _rank(node)
         outside = [u for u in node.users if u not in layouts and u not in pooling_readers]
         if not outside:  # every reader pools the packed tokens
             continue
+        unpacks += 1
         with graph.inserting_after(node):
             unpacked = _call(graph, torch.ops.graphopt.unpack_tokens.default, (node, mask))
         if layout != _TOKENS:  # [B, S, *rest] back to the original order of dimensions
@@ -835,7 +837,6 @@ def _rewrite(gm: GraphModule, plan: _Plan) -> dict[str, int]:
             node.replace_all_uses_with(attention)
             graph.erase_node(node)
             attentions += 1
-    unpacks = sum(1 for n in graph.nodes if is_op(n, torch.ops.graphopt.unpack_tokens.default))
     return {"attentions": attentions, "packs": 1, "unpacks": unpacks, "pooled": len(plan.poolings)}
 
 

@@ -328,10 +328,9 @@ def cmd_dump(args) -> int:
     return 0
 
 
-def cmd_optimize(args) -> int:
-    save = Path(args.save) if args.save else None
-    if save is not None and not save.parent.is_dir():
-        raise UsageError(f"--save {args.save}: directory {save.parent} does not exist")
+def _optimize_and_report(args):
+    """Load ``args.model``, run the pipeline the arguments name on it and print the report: the
+    shared first half of ``graphopt optimize`` and ``graphopt export``. Returns (module, workload)."""
     pipeline = build_pipeline(args.passes, args.option)
     check_backend_runs_here(args.backend)
     workload = load_model(args.model, args.log, args.text)
@@ -345,6 +344,14 @@ def cmd_optimize(args) -> int:
         name=workload.name,
     )
     print(module.report)
+    return module, workload
+
+
+def cmd_optimize(args) -> int:
+    save = Path(args.save) if args.save else None
+    if save is not None and not save.parent.is_dir():
+        raise UsageError(f"--save {args.save}: directory {save.parent} does not exist")
+    module, workload = _optimize_and_report(args)
     if save is not None:
         _save_and_check(module, workload, save, args.log)
     return 0
@@ -356,19 +363,7 @@ def cmd_export(args) -> int:
         raise UsageError(f"--onnx {args.onnx} is a directory; give a file name such as model.onnx")
     if not target.parent.is_dir():
         raise UsageError(f"--onnx {args.onnx}: directory {target.parent} does not exist")
-    pipeline = build_pipeline(args.passes, args.option)
-    check_backend_runs_here(args.backend)
-    workload = load_model(args.model, args.log, args.text)
-    module = graphopt.optimize(
-        workload.model,
-        pipeline,
-        workload.example_inputs,
-        example_kwargs=workload.example_kwargs,
-        dynamic_shapes=workload.dynamic_shapes,
-        **_pipeline_flags(args),
-        name=workload.name,
-    )
-    print(module.report)
+    module, workload = _optimize_and_report(args)
     args.log(f"exporting {target}")
     try:
         exporter = export_onnx(module, workload.example_inputs, target, workload.example_kwargs, dynamic_shapes=workload.dynamic_shapes)
