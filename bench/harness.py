@@ -40,6 +40,8 @@ class Built:
     flops: int | None = None
     param_bytes: int | None = None
     notes: str = ""
+    disk_bytes: int | None = None
+    """The size of what the configuration saves to disk (e.g. its ``.onnx`` file), where it records one."""
 
 
 @dataclass
@@ -109,25 +111,53 @@ def onnxruntime_cpu(dynamic_shapes: Any = None) -> Config:
     def build(model, example):
         import tempfile
 
-        import onnxruntime
-
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "model.onnx"
-            program = torch.onnx.export(model, tuple(example), dynamo=True, dynamic_shapes=dynamic_shapes, verbose=False)
-            program.save(str(path))
-            options = onnxruntime.SessionOptions()
-            options.intra_op_num_threads = torch.get_num_threads()
-            options.inter_op_num_threads = 1
-            session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        input_names = [i.name for i in session.get_inputs()]
-
-        def run(*inputs):
-            outputs = [torch.from_numpy(o) for o in session.run(None, {name: x.numpy() for name, x in zip(input_names, inputs)})]
-            return outputs[0] if len(outputs) == 1 else tuple(outputs)
-
-        return Built(run)
+            _export_onnx(model, example, dynamic_shapes, path)
+            return Built(_onnxruntime_runner(path), disk_bytes=path.stat().st_size)
 
     return Config("onnxruntime (CPU)", build)
+
+
+def onnxruntime_int8(dynamic_shapes: Any = None) -> Config:
+    """As :func:`onnxruntime_cpu`, with the exported model quantized by onnxruntime's own dynamic
+    quantizer: ``quantize_dynamic(..., per_channel=True, weight_type=QuantType.QInt8)`` (int8
+    weights per output channel, activations quantized per tensor at run time)."""
+
+    def build(model, example):
+        import tempfile
+
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        with tempfile.TemporaryDirectory() as tmp:
+            fp32, int8 = Path(tmp) / "model.onnx", Path(tmp) / "model.int8.onnx"
+            _export_onnx(model, example, dynamic_shapes, fp32)
+            quantize_dynamic(str(fp32), str(int8), per_channel=True, weight_type=QuantType.QInt8)
+            return Built(_onnxruntime_runner(int8), disk_bytes=int8.stat().st_size)
+
+    return Config("onnxruntime int8 (CPU)", build)
+
+
+def _export_onnx(model, example, dynamic_shapes, path: Path) -> None:
+    program = torch.onnx.export(model, tuple(example), dynamo=True, dynamic_shapes=dynamic_shapes, verbose=False)
+    program.save(str(path))
+
+
+def _onnxruntime_runner(path: Path) -> Callable:
+    """A CPUExecutionProvider session on ``path`` (intra-op threads = torch's), called with torch tensors."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    input_names = [i.name for i in session.get_inputs()]
+
+    def run(*inputs):
+        outputs = [torch.from_numpy(o) for o in session.run(None, {name: x.numpy() for name, x in zip(input_names, inputs)})]
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+    return run
 
 
 def graphopt_pipeline(passes: Sequence[str], backend: str = "eager", name: str | None = None, **optimize_kwargs) -> Config:

@@ -30,7 +30,7 @@ from graphopt import passes  # noqa: F401,E402  (registers the built-in passes)
 from graphopt import backends  # noqa: F401,E402  (registers the built-in backends)
 from graphopt.frontends.api import OptimizedModule, load, load_program, optimize, save
 from graphopt.frontends.capture import CaptureError, capture
-from graphopt.tools import repbn, zoo  # noqa: F401  (public: graphopt.zoo, graphopt.repbn)
+from graphopt.tools import outliers, repbn, zoo  # noqa: F401  (public: graphopt.zoo, graphopt.repbn, graphopt.outliers)
 from graphopt.tools.repbn import finalize
 
 __version__ = "0.1.0"

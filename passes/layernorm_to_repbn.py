@@ -28,7 +28,6 @@ arguments (:data:`ARGUMENTS`), :func:`prepbn_nodes`, :func:`repbn_scale_shift` a
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -38,6 +37,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from graphopt.ir import add_constant, aten, normalized_args, op_nodes, replace_node, val_of
+from graphopt.ir.match import module_path, select_layers
 from graphopt.ir.spec import allow_module_calls
 from graphopt.pipeline.pass_base import NotApplicable, Pass, PassContext, PassResult, register_pass
 from graphopt.pipeline.verify import MinCosine
@@ -151,24 +151,6 @@ def prepbn_nodes(gm: GraphModule) -> list[Node]:
     return [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), PRepBN)]
 
 
-def _module_path(node: Node) -> str:
-    """The LayerNorm's module path from ``nn_module_stack``, else its weight's owner (nodes a pass created lack the stack)."""
-    stack = node.meta.get("nn_module_stack") or {}
-    if stack:
-        return list(stack.values())[-1][0]
-    weight = normalized_args(node)["weight"]
-    if isinstance(weight, Node) and weight.op == "get_attr" and weight.target.endswith(".weight"):
-        return weight.target.removesuffix(".weight")
-    return ""
-
-
-def _names(node: Node) -> list[str]:
-    """What a ``pattern`` is matched against: the weight's attribute name, the module path, the node name."""
-    weight = normalized_args(node)["weight"]
-    names = [weight.target] if isinstance(weight, Node) and weight.op == "get_attr" else []
-    return [*names, _module_path(node), node.name]
-
-
 def _why_not_convertible(node: Node) -> str | None:
     args = normalized_args(node)
     val = val_of(args["input"])
@@ -217,23 +199,7 @@ class LayerNormToRepBN(Pass):
 
     def _selected(self, gm: GraphModule) -> list[Node]:
         """The chosen LayerNorm nodes; :class:`NotApplicable` when there are none."""
-        cfg = self.config
-        norms = op_nodes(gm, aten.layer_norm)
-        if not norms:
-            raise NotApplicable("no LayerNorm (aten.layer_norm) in the graph")
-        chosen = norms
-        if cfg.layers is not None:
-            outside = [i for i in cfg.layers if not -len(norms) <= i < len(norms)]
-            if outside:
-                raise NotApplicable(f"layers {outside} out of range: the graph has {len(norms)} LayerNorms")
-            wanted = {i % len(norms) for i in cfg.layers}
-            chosen = [n for i, n in enumerate(norms) if i in wanted]
-        if cfg.pattern is not None:
-            regex = re.compile(cfg.pattern)
-            chosen = [n for n in chosen if any(regex.search(name) for name in _names(n))]
-            if not chosen:
-                raise NotApplicable(f"no LayerNorm matches pattern {cfg.pattern!r} (first: {', '.join(_names(norms[0]))})")
-        return chosen
+        return select_layers(op_nodes(gm, aten.layer_norm), self.config.layers, self.config.pattern, "LayerNorm", op="aten.layer_norm")
 
     def analyze(self, gm: GraphModule, ctx: PassContext) -> tuple[list[Node], list[str]]:
         """The LayerNorms to replace, and a ``"node: why not"`` line for each chosen one left alone."""
@@ -276,7 +242,7 @@ class LayerNormToRepBN(Pass):
             constant(torch.ones(channels, dtype=dtype), "running_var", False),
             constant(torch.full((1,), self.config.eta, dtype=dtype), "eta", True),
         )
-        module = PRepBN(channels, args["eps"], self.config.bn_eps, self.config.momentum, progress, source=_module_path(ln) or ln.name)
+        module = PRepBN(channels, args["eps"], self.config.bn_eps, self.config.momentum, progress, source=module_path(ln) or ln.name)
         module.train(gm.training)  # captured graphs are in eval mode: BatchNorm must not update its statistics
         gm.add_submodule(target, module)
         with gm.graph.inserting_before(ln):

@@ -127,6 +127,7 @@ def optimize(
     log: Callable[[str], None] | None = None,
     observers: Sequence[Callable] = (),
     name: str = "",
+    calibration: Sequence[Any] = (),
 ) -> OptimizedModule:
     """Optimize ``model`` with ``passes``; the original model is left exactly as it was.
 
@@ -150,6 +151,9 @@ def optimize(
         log: receives progress messages.
         observers: ``fn(record, graph_before, graph_after)`` called after each pass.
         name: the model's name in the report.
+        calibration: more inputs for the passes that calibrate on data (``quantize_int8``'s
+            outliers and fallback, ``smooth_quant``), each a tuple of positional inputs (or one
+            tensor) or an ``(args, kwargs)`` pair; the example inputs are always among them.
     """
     if example_inputs is None and not example_kwargs:
         raise ValueError("optimize needs example_inputs (and/or example_kwargs) to capture and verify the model")
@@ -161,7 +165,8 @@ def optimize(
     gm, dynamic_shapes, shape_note = _capture(model, args, kwargs, dynamic_shapes, log)
     inputs = captured_inputs(gm)
     report = Report(model=name or type(model).__name__, capture=_capture_line(gm, inputs, shape_note))
-    gm, report = manager.run(gm, args, kwargs, report)
+    batches = [batch if isinstance(batch, tuple) and len(batch) == 2 and isinstance(batch[1], dict) else (normalize_args(batch), {}) for batch in calibration]
+    gm, report = manager.run(gm, args, kwargs, report, calibration=batches)
     if log and backend != "eager":
         log(f"compiling with the {backend} backend")
     compiled = compile_graph(gm, args, kwargs, **(backend_options or {}))

@@ -31,6 +31,7 @@ from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols, has_fre
 from torch.utils import _pytree as pytree
 
 from graphopt.ir import aten, normalized_args, shape_of, val_of
+from graphopt.ir.calibrate import flat_inputs
 from graphopt.ir.oprecord import op_record
 
 __all__ = ["ExampleRun", "UnknownSizeError", "count_flops", "example_value", "node_flops", "param_bytes", "record_example_run", "register_flop_rule", "size"]
@@ -92,20 +93,11 @@ class _Recorder(Interpreter):
                 self.record.sizes[symbolic.node.expr] = int(concrete)
 
 
-def _flat_inputs(gm: GraphModule, example_inputs: Sequence[Any], example_kwargs: dict | None) -> list[Any]:
-    """The graph's placeholder values for ``gm(*example_inputs, **example_kwargs)``."""
-    args, kwargs = tuple(example_inputs), dict(example_kwargs or {})
-    in_spec = getattr(getattr(gm.graph._codegen, "pytree_info", None), "in_spec", None)
-    if in_spec is None:
-        return pytree.tree_leaves((args, kwargs))
-    return torch.fx._pytree.tree_flatten_spec((args, kwargs), in_spec)
-
-
 def record_example_run(gm: GraphModule, example_inputs: Sequence[Any] = (), example_kwargs: dict | None = None) -> ExampleRun:
     """Run ``gm`` once on the example inputs and keep what its data-dependent sizes were (in ``gm.meta``)."""
     run = ExampleRun(code=gm.code)
     with torch.no_grad():
-        _Recorder(gm, run).run(*_flat_inputs(gm, example_inputs, example_kwargs), enable_io_processing=False)
+        _Recorder(gm, run).run(*flat_inputs(gm, example_inputs, example_kwargs), enable_io_processing=False)
     gm.meta[_META_KEY] = run
     return run
 

@@ -20,9 +20,14 @@ import torch
 from torch.fx import Node
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from graphopt.ir import aten, get_tensor, is_op, normalized_args, only_user, shape_of, val_of
+import re
+
+from graphopt.ir import NotApplicable, aten, get_tensor, is_op, normalized_args, only_user, shape_of, val_of
 
 __all__ = [
+    "module_path",
+    "node_names",
+    "select_layers",
     "MatmulOperands",
     "VIEW_OPS",
     "broadcasts_to",
@@ -506,3 +511,51 @@ def infer_val(node: Node) -> None:
         return
     with fake_mode:
         node.meta["val"] = node.target(*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------- choosing layers
+
+
+def module_path(node: Node, operand: str = "weight") -> str:
+    """The module a node came from (its ``nn_module_stack``), else its ``operand`` constant's owner
+    (``encoder.0.fc1`` for ``encoder.0.fc1.weight``; nodes a pass created lack the stack)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if stack:
+        return list(stack.values())[-1][0]
+    weight = normalized_args(node).get(operand)
+    if isinstance(weight, Node) and weight.op == "get_attr" and weight.target.endswith(".weight"):
+        return weight.target.removesuffix(".weight")
+    return ""
+
+
+def node_names(node: Node, operand: str = "weight") -> list[str]:
+    """What a layer ``pattern`` is matched against: the ``operand`` constant's attribute name, the
+    module path, the node name."""
+    weight = normalized_args(node).get(operand)
+    names = [weight.target] if isinstance(weight, Node) and weight.op == "get_attr" else []
+    return [*names, module_path(node, operand), node.name]
+
+
+def select_layers(nodes: Sequence[Node], layers: Sequence[int] | None, pattern: str | None, what: str, operand: str = "weight", op: str = "") -> list[Node]:
+    """The ``nodes`` (candidate layers, in graph order) chosen by index and by name.
+
+    ``layers``: indices into ``nodes`` (negative ones count from the end), None for all;
+    ``pattern``: a regular expression searched (``re.search``) in :func:`node_names`. ``what`` names
+    the layers in the :class:`NotApplicable` reasons ("linear", "LayerNorm"), ``op`` the ATen op
+    they are (``"aten.layer_norm"``) when an empty graph's reason should say it.
+    """
+    if not nodes:
+        raise NotApplicable(f"no {what}{f' ({op})' if op else ''} in the graph")
+    chosen = list(nodes)
+    if layers is not None:
+        outside = [i for i in layers if not -len(nodes) <= i < len(nodes)]
+        if outside:
+            raise NotApplicable(f"layers {outside} out of range: the graph has {len(nodes)} {what}s")
+        wanted = {i % len(nodes) for i in layers}
+        chosen = [n for i, n in enumerate(nodes) if i in wanted]
+    if pattern is not None:
+        regex = re.compile(pattern)
+        chosen = [n for n in chosen if any(regex.search(name) for name in node_names(n, operand))]
+        if not chosen:
+            raise NotApplicable(f"no {what} matches pattern {pattern!r} (first: {', '.join(node_names(nodes[0], operand))})")
+    return chosen

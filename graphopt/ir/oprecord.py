@@ -92,6 +92,11 @@ class OpRecord:
             than the translation itself so that ``import graphopt`` does not import onnxscript;
             :mod:`graphopt.frontends.onnx_export` calls it for every overload of the op. ``None``:
             the op cannot be exported to ONNX.
+        quantizes: whether the op rounds its activation input to a coarse grid (int8), so that its
+            output is a step function of it: a last-bit difference upstream (another backend's
+            reduction order) may flip a code, and the flips grow through later quantized layers.
+            Backends are then checked against the graph within the applied passes' budget rather
+            than to rounding (:func:`graphopt.frontends.check.check_backend`).
     """
 
     op: Any
@@ -106,6 +111,7 @@ class OpRecord:
     eager_fast_path: Callable[..., Any] | None = None
     triton_lowering: Callable[..., list[str]] | None = None
     onnx: Any = None
+    quantizes: bool = False
 
     def __post_init__(self) -> None:
         packet = _packet(self.op)

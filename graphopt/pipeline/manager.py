@@ -168,9 +168,19 @@ class PassManager:
         self.observers = list(observers)
 
     def run(
-        self, gm: GraphModule, example_inputs: Sequence[Any] = (), example_kwargs: dict | None = None, report: Report | None = None
+        self,
+        gm: GraphModule,
+        example_inputs: Sequence[Any] = (),
+        example_kwargs: dict | None = None,
+        report: Report | None = None,
+        calibration: Sequence[Any] = (),
     ) -> tuple[GraphModule, Report]:
-        """Run the pipeline on ``gm`` (left untouched); returns the new graph and the report."""
+        """Run the pipeline on ``gm`` (left untouched); returns the new graph and the report.
+
+        ``calibration``: more inputs for passes that calibrate on data (quantization), each a tuple
+        of positional inputs or an ``(args, kwargs)`` pair; passes find them in
+        ``ctx.state["calibration"]``. Verification uses the example inputs only.
+        """
         report = report or Report()
         args, kwargs = tuple(example_inputs), dict(example_kwargs or {})
         if self.check_ir:
@@ -179,7 +189,7 @@ class PassManager:
         count_flops(gm, args, kwargs)  # records the example's data-dependent sizes, if any
         current, reference = gm, original
         compared = _Compared()
-        state: dict[str, Any] = {}
+        state: dict[str, Any] = {"calibration": list(calibration)}
         applied: list[Pass] = []
         for p in self.passes:
             current, reference, compared = self._run_one(p, current, reference, compared, args, kwargs, state, report)

@@ -72,7 +72,14 @@ T = TypeVar("T")
 # fold_repbn is exact but not registered: it only applies to layernorm_to_repbn graphs trained to
 # γ = 0, which graphopt.finalize checks; tests/passes/test_fold_repbn.py covers it.
 # graphopt's own exact passes: a pass a user or a test registers later is not part of the claim
-EXACT_PASSES: tuple[str, ...] = tuple(sorted(name for name, cls in available_passes().items() if cls.exact and cls.__module__.startswith("graphopt.passes.")))
+MEASURED_PASSES = ("smooth_quant",)
+"""Exact passes left out of the fuzzer: whether they apply depends on this machine's measured int8
+speed (and they only pay inside a quantized pipeline), which would make the fixed sample's outcome
+differ between machines; ``tests/passes/test_smooth_quant.py`` checks their exactness."""
+
+EXACT_PASSES: tuple[str, ...] = tuple(
+    sorted(name for name, cls in available_passes().items() if cls.exact and cls.__module__.startswith("graphopt.passes.") and name not in MEASURED_PASSES)
+)
 
 # Every non-empty subset of the exact passes, in registry order (the manager orders them itself).
 COMBINATIONS: tuple[tuple[str, ...], ...] = tuple(c for n in range(1, len(EXACT_PASSES) + 1) for c in itertools.combinations(EXACT_PASSES, n))

@@ -28,8 +28,9 @@ The kernels: every distinct region kernel ``plan`` lowers in ``preln-tiny`` and 
 (after ``canonicalize`` and ``layernorm_to_rmsnorm``), a matmul epilogue in fp32 (IEEE and TF32),
 fp16 and bf16, row kernels (a layer norm at the longest row the template takes, a masked softmax,
 an RMSNorm after a residual add), the static flash-attention kernel in every mask variant at both
-precisions (``ieee`` for fp32, ``tf32`` for fp16/bf16) and in its varlen variant, and
-``triton_norm``'s two kernels.
+precisions (``ieee`` for fp32, ``tf32`` for fp16/bf16) and in its varlen variant,
+``triton_norm``'s two kernels, and the quantized linears' (``graphopt.ops.quant.triton``: the row
+quantization, the int8 GEMM with its int8 ``tl.dot``, which needs sm_80 or later, and the int4 GEMM).
 The interpreter must be off in this process (it replaces ``@triton.jit`` functions); the module
 skips otherwise.
 """
@@ -66,6 +67,7 @@ from graphopt.frontends.api import optimize  # noqa: E402
 from graphopt.backends import triton_attention, triton_codegen, triton_matmul, triton_rowwise  # noqa: E402
 from graphopt.ops.flash_attention import triton as flash  # noqa: E402
 from graphopt.ops.norms import triton as triton_norm  # noqa: E402
+from graphopt.ops.quant import triton as quant_triton  # noqa: E402
 from graphopt.backends.triton_backend import plan  # noqa: E402
 from graphopt.frontends.capture import capture  # noqa: E402
 
@@ -151,6 +153,10 @@ def recording() -> Iterator[Recording]:
         patch.setattr(flash, "attention_fwd_kernel", _Recorder(tuner.fn, list(tuner.configs), record))
         for kernel in ("_rms_norm_kernel", "_crms_norm_kernel"):
             patch.setattr(triton_norm, kernel, _Recorder(getattr(triton_norm, kernel), None, record))
+        patch.setattr(quant_triton, "interpreted", lambda: True)
+        patch.setattr(quant_triton, "quantize_rows_kernel", _Recorder(quant_triton.quantize_rows_kernel, None, record))
+        for kernel, tuned in (("int8_gemm_kernel", quant_triton.autotuned_int8_kernel()), ("int4_gemm_kernel", quant_triton.autotuned_int4_kernel())):
+            patch.setattr(quant_triton, kernel, _Recorder(tuned.fn, list(tuned.configs), record))
         yield record
 
 
@@ -378,6 +384,30 @@ def norm_launches() -> list[Launch]:
     return record.launches
 
 
+def quant_launches() -> list[Launch]:
+    """The quantized linears on ``[77, 384] -> 200``: the row quantization of fp16 activations, the
+    int8 GEMM with a GELU epilogue (bf16 out) and without (fp32 out), the int4 GEMM (groups of 128)
+    on fp16 and fp32 activations."""
+    from graphopt.ops.quant import reference as quant_reference
+
+    gen = torch.Generator().manual_seed(0)
+    x, w, bias = (torch.randn(*shape, generator=gen) for shape in ((77, 384), (200, 384), (200,)))
+    qweight, w_scale = quant_reference.quantize_per_channel(w)
+    xq, x_scale = quant_reference.quantize_per_token(x)
+    packed, scale, zero = quant_reference.quantize_int4_groupwise(w, 128)
+    with recording() as record:
+        record.label = "quant/quantize_rows/fp16"
+        quant_triton.quantize_rows_triton(x.half())
+        record.label = "quant/int8_gemm/gelu"
+        quant_triton.int8_gemm_triton(xq, x_scale, qweight, w_scale, bias, "gelu", out_dtype=torch.bfloat16)
+        record.label = "quant/int8_gemm/none"
+        quant_triton.int8_gemm_triton(xq, x_scale, qweight, w_scale, None)
+        for dtype in ("fp16", "fp32"):
+            record.label = f"quant/int4/{dtype}"
+            quant_triton.int4_linear_triton(x.to(DTYPES[dtype]), packed, scale, zero, 128, bias)
+    return record.launches
+
+
 GROUPS = {
     "preln-tiny": functools.partial(model_launches, "preln-tiny"),
     "gpt2-tiny": functools.partial(model_launches, "gpt2-tiny"),
@@ -386,6 +416,7 @@ GROUPS = {
     "attention": attention_launches,
     "varlen": varlen_launches,
     "norm": norm_launches,
+    "quant": quant_launches,
 }
 
 
@@ -445,11 +476,14 @@ CASES = [
     ("norm", "rms_norm_unweighted/fp32", largest, "sm90"),
     ("norm", "crms_norm/bf16", largest, "sm90"),
     ("norm", "rms_norm/bf16", largest, "sm80"),
+    ("quant", "quantize_rows/fp16", largest, "sm90"),
+    *[("quant", f"int8_gemm/{activation}", largest, arch) for activation in ("gelu", "none") for arch in ("sm90", "sm80")],
+    *[("quant", "int4/fp16", largest, arch) for arch in ("sm90", "sm80")],
 ]
 """What compiles: each kernel at its largest config for sm_90 in the dtypes that matter, the
 smallest configs where they differ (fewest warps per long row, most matmul stages), fp32
 attention and varlen (``ieee``, the slowest to compile) at their smallest, one of each family for
-sm_80. Left out to keep the module under a minute: fp32 ``ieee`` attention and matmul at their largest config on
+sm_80, the quantized linears' GEMMs at their largest tiles for both. Left out to keep the module under a minute: fp32 ``ieee`` attention and matmul at their largest config on
 sm_90 (5 s each; they fit, with several KB of spills per thread), all middle configs."""
 
 

@@ -173,6 +173,8 @@ def test_every_graphopt_op_declares_an_onnx_translation():
         "graphopt::varlen_attention",
         "graphopt::sum_tokens",
         "graphopt::select_token",
+        "graphopt::int8_linear",
+        "graphopt::weight_only_linear",
     }
     assert all(r.onnx is not None and callable(r.onnx()) for r in records)
     table = onnx_export.onnx_translation_table()

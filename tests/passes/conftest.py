@@ -8,3 +8,6 @@ import pytest
 @pytest.fixture(autouse=True)
 def _check_the_ir_after_every_pass(monkeypatch):
     monkeypatch.setenv("GRAPHOPT_CHECK_IR", "1")
+
+
+from quant_models import int8_pays  # noqa: E402, F401  (a fixture of the quantization pass tests)

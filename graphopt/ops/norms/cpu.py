@@ -15,82 +15,26 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import logging
-import os
-import re
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from graphopt.ops.cbuild import build_c_library
 from graphopt.ops.norms.reference import crms_norm_torch, rms_norm_torch
 
 __all__ = ["C_SOURCE", "c_kernels", "crms_norm_cpu", "rms_norm_cpu"]
-
-log = logging.getLogger("graphopt.ops.norms")
 
 C_SOURCE = Path(__file__).with_name("cpu.c")
 """The kernels' C source, shipped beside this module (package data)."""
 
 
-def _openmp_runtime() -> str | None:
-    """The OpenMP library torch runs its threads on (Linux), so the C kernels share its thread pool."""
-    try:
-        maps = Path("/proc/self/maps").read_text()
-    except OSError:
-        return None
-    found = re.search(r"(/\S*/lib(?:gomp|iomp5|omp)\b[^/\s]*\.so[^/\s]*)$", maps, re.MULTILINE)
-    return found.group(1) if found else None
-
-
-def _cpu_flags() -> str:
-    """The CPU's feature flags: the kernels are built for this CPU (``-march=native``)."""
-    try:
-        return next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        return ""
-
-
 @functools.cache
 def c_kernels() -> ctypes.CDLL | None:
-    """The C norm kernels, compiled on first use and cached; None where they cannot be built.
-
-    Built from :data:`C_SOURCE` with ``$CC`` (default ``cc``) into ``$XDG_CACHE_HOME/graphopt``
-    (``~/.cache/graphopt``), linked against the OpenMP runtime torch has loaded (one thread pool,
-    not two), under a name that hashes the source, the runtime and the CPU's flags. A missing
-    compiler, runtime, source or writable cache, or a failed build, leaves the ATen formulation in
-    place (logged at INFO).
-    """
-    compiler, runtime = shutil.which(os.environ.get("CC", "cc")), _openmp_runtime()
-    if compiler is None or runtime is None:
-        log.info("graphopt C norm kernels off: %s", "no C compiler" if compiler is None else "no OpenMP runtime found")
-        return None
-    try:
-        source_text = C_SOURCE.read_text()
-    except OSError as exc:
-        log.info("graphopt C norm kernels off: %s", exc)
-        return None
-    key = hashlib.sha256("\0".join([source_text, compiler, runtime, _cpu_flags()]).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "graphopt"
-    library = cache / f"norm_kernels_{key}.so"
-    try:
-        if not library.exists():
-            cache.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=cache) as build:
-                source, built = Path(build) / "norms.c", Path(build) / "norms.so"
-                source.write_text(source_text)  # the text the key hashes, whatever happens to the file meanwhile
-                # compile with OpenMP, link against torch's runtime instead of the compiler's own
-                subprocess.run([compiler, "-O3", "-march=native", "-fPIC", "-fopenmp", "-c", str(source), "-o", f"{built}.o"], check=True, capture_output=True)
-                subprocess.run([compiler, "-shared", f"{built}.o", runtime, "-o", str(built)], check=True, capture_output=True)
-                os.replace(built, library)  # atomic: concurrent first uses never load a partial file
-        kernels = ctypes.CDLL(str(library))
-    except (OSError, subprocess.CalledProcessError) as exc:
-        detail = exc.stderr.decode(errors="replace") if isinstance(exc, subprocess.CalledProcessError) else exc
-        log.info("graphopt C norm kernels off: %s", detail)
+    """The C norm kernels, compiled on first use and cached; None where they cannot be built
+    (:func:`graphopt.ops.cbuild.build_c_library`: the ATen formulation then stays in place)."""
+    kernels = build_c_library(C_SOURCE, "norm_kernels")
+    if kernels is None:
         return None
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     kernels.rms_norm_f32.argtypes = [pointer, pointer, pointer, pointer, size, size, ctypes.c_float, ctypes.c_int]
