@@ -14,7 +14,8 @@ the same input (q, k and v share one ``s``).
 The pass is **exact** in real arithmetic; ``1/s`` goes where it costs nothing when it can:
 
 * folded into the preceding norm's gain and bias when the linears are the norm's only readers
-  (Pre-LN blocks: ``aten.layer_norm`` or ``graphopt::rms_norm`` with a gain);
+  (Pre-LN blocks: ``aten.layer_norm`` or ``graphopt::rms_norm`` with a gain, also through views
+  that keep the last dim, as GPT-2's token flattening before its ``addmm``);
 * otherwise as an explicit ``x * (1/s)`` before the linears (Post-LN BERT, where the norm's output
   is also the residual stream; the MLP's second linear; attention's output projection), which
   ``quantize_int8`` then absorbs into its quantization sweep (the op's ``smooth`` argument), so it
@@ -36,7 +37,7 @@ from torch.fx import GraphModule, Node
 from graphopt.ir import NotApplicable, add_constant, aten, get_tensor, is_op, normalized_args, val_of
 from graphopt.ir.calibrate import observe_channels
 from graphopt.ir.linears import Linear, find_linears
-from graphopt.ir.match import select_layers
+from graphopt.ir.match import VIEW_OPS, select_layers
 from graphopt.ir.oprecord import op_record
 from graphopt.ops.quant import cpu as quant_cpu
 from graphopt.ops.quant.reference import int8_linear_reference, quantize_per_channel
@@ -170,32 +171,39 @@ class SmoothQuant(Pass):
         lin.node.replace_input_with(stored, new)
 
     @staticmethod
-    def _fold_into_norm(gm: GraphModule, x: Node, linears: list[Linear], s: Tensor) -> bool:
+    def _norm_behind(x: Node) -> Node | None:
+        """The norm computing ``x``, through views that keep the last dim (GPT-2 flattens the
+        tokens before its ``addmm``), each read only by the next; None if there is none."""
+        node = x
+        while is_op(node, *VIEW_OPS) and len(node.args[0].users) == 1:
+            before, after = val_of(node.args[0]), val_of(node)
+            if not (isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor) and before.shape[-1] == after.shape[-1]):
+                return None
+            node = node.args[0]
+        if is_op(node, aten.layer_norm):
+            return node
+        record = op_record(node.target) if node.op == "call_function" else None
+        return node if record is not None and record.is_norm and "weight" in normalized_args(node) else None
+
+    def _fold_into_norm(self, gm: GraphModule, x: Node, linears: list[Linear], s: Tensor) -> bool:
         """Divide the gain and bias of the norm computing ``x`` by ``s``, if only these linears read it."""
         if set(x.users) != {lin.node for lin in linears}:
             return False
-        record = op_record(x.target) if x.op == "call_function" else None
-        if is_op(x, aten.layer_norm):
-            args = normalized_args(x)
-            names = ("weight", "bias")
-        elif record is not None and record.is_norm and "weight" in normalized_args(x):
-            args = normalized_args(x)
-            names = ("weight", "bias")
-        else:
+        norm = self._norm_behind(x)
+        if norm is None:
             return False
-        weight = args.get("weight")
+        args = normalized_args(norm)
+        weight, bias = args.get("weight"), args.get("bias")
         if not (isinstance(weight, Node) and weight.op == "get_attr"):
             return False
-        bias = args.get("bias")
         if bias is not None and not (isinstance(bias, Node) and bias.op == "get_attr"):
             return False
-        for name in names:
-            node = args.get(name)
+        for node in (weight, bias):
             if node is None:
                 continue
             value = get_tensor(gm, node)
-            new = add_constant(gm, (value.double() / s).to(value.dtype), f"{node.target}_smoothed", before=x)
-            x.replace_input_with(node, new)
+            new = add_constant(gm, (value.double() / s).to(value.dtype), f"{node.target}_smoothed", before=norm)
+            norm.replace_input_with(node, new)
         return True
 
     @staticmethod

@@ -59,3 +59,16 @@ def test_not_applicable_without_linears_or_where_int8_does_not_pay(int8_pays):
     assert_not_applicable(SmoothQuant(), nn.Sequential(nn.LayerNorm(8)).eval(), (torch.randn(2, 8),), reason_contains="no linear with a constant weight")
     int8_pays(False)
     assert_not_applicable(SmoothQuant(), block(), (tokens(),), reason_contains="int8 is no faster than fp32 here")
+
+
+def test_stacks_with_layernorm_to_rmsnorm_folding_into_the_rms_norms_through_gpt2_views():
+    entry = zoo.load("gpt2-tiny")
+    passes = ["canonicalize", "layernorm_to_rmsnorm", SmoothQuant(where_int8_pays=False)]
+    opt = graphopt.optimize(entry.model, passes, entry.example_inputs, strict=True)
+    stats = opt.report.record("smooth_quant").stats
+    blocks = entry.model.config.n_layer
+    assert opt.report.record("layernorm_to_rmsnorm").status == "applied"
+    # ln_1 -> c_attn and ln_2 -> c_fc through the token-flattening views, and ln_f -> lm_head
+    assert stats["folded_into_norms"] == 2 * blocks + 1
+    with torch.no_grad():
+        assert_close(opt(*entry.example_inputs).logits, entry.model(*entry.example_inputs).logits, max_rel_err=1e-5)

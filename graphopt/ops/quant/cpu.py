@@ -271,12 +271,17 @@ def _has_onednn() -> bool:
     return hasattr(torch.ops.onednn, "qlinear_pointwise") and torch.backends.mkldnn.is_available()
 
 
+@functools.cache
+def _has_fbgemm() -> bool:
+    return "fbgemm" in torch.backends.quantized.supported_engines  # a property that rebuilds a list per read
+
+
 def int8_paths_available(m: int, n: int, k: int) -> list[str]:
     """The W8A8 paths this CPU can run at ``[m, k] x [n, k]ᵀ``, fastest-first candidates before ``"fp32"``."""
     paths = []
     if _has_onednn():
         paths.append("onednn")
-    if "fbgemm" in torch.backends.quantized.supported_engines:
+    if _has_fbgemm():
         paths.append("fbgemm")
     if cpu_capabilities().vnni and m > 16 and k % 8 == 0 and n % 8 == 0:
         paths.append("int_mm")
@@ -329,6 +334,8 @@ def int8_pays_off(m: int, n: int, k: int) -> bool:
 
 
 _timings_memo: dict[tuple, dict[str, float]] = {}
+_resolved: dict[tuple, str] = {}
+"""(bucket, n, k, threads, forced path) -> the path :func:`int8_linear_cpu` runs."""
 """(bucket, n, k, threads) -> timings: a call after the first looks its path up without building test data."""
 
 
@@ -362,8 +369,11 @@ def int8_linear_cpu(
     if m == 0:
         return x.new_zeros((*shape[:-1], n))
     if path is None:
-        path, _ = int8_path(m, n, k)
-    if path not in int8_paths_available(max(m, 17), n, k):
+        key = (_bucket(m), n, k, torch.get_num_threads(), _forced.get("int8_linear"))
+        path = _resolved.get(key)
+        if path is None:  # once per shape bucket: the calls after it skip the lookups (~30 us a call)
+            path = _resolved[key] = int8_path(m, n, k)[0]
+    if path == "int_mm" and not (m > 16 and "int_mm" in int8_paths_available(m, n, k)):
         path = "fp32"
     if extra is None:
         y = _INT8_KERNELS[path](x2, qweight, weight_scale.float().contiguous(), bias, smooth, activation)
