@@ -28,7 +28,7 @@ from graphopt.backends.triton_backend import plan
 MODELS = {"minilm": {}, "gpt2-tiny": {}, "llama-tiny": {}, "vit-s": {}, "convnet-bn": {}, "preln-tiny": {}}
 # remove_padding makes the token count data-dependent, which a static byte count cannot size;
 # bench/remove_padding.py measures it.
-EXACT = [name for name, cls in graphopt.available_passes().items() if cls.exact and name != "remove_padding"]
+EXACT = [name for name in graphopt.default_pass_names() if name != "remove_padding"]
 
 
 def main() -> int:

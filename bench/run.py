@@ -19,10 +19,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import Case, eager, graphopt_pipeline, inductor, run_case, write_results  # noqa: E402
 
-from graphopt import available_passes  # noqa: E402
+from graphopt import default_pass_names  # noqa: E402
 from graphopt.tools import zoo
 
-EXACT_PASSES = [name for name, cls in available_passes().items() if cls.exact]
+EXACT_PASSES = default_pass_names()
 
 
 def _configs(dynamic_shapes):

@@ -27,7 +27,7 @@ from harness import Case, eager, graphopt_pipeline, inductor, run_case, write_re
 import graphopt  # noqa: E402
 from graphopt.tools import zoo  # noqa: E402
 
-EXACT = [name for name, cls in graphopt.available_passes().items() if cls.exact]
+EXACT = graphopt.default_pass_names()
 
 
 def _configs(smoke: bool, dtype: torch.dtype):

@@ -64,7 +64,7 @@ class SmoothQuant(Pass):
 
     name = "smooth_quant"
     exact = True
-    after = ("canonicalize", "layernorm_to_rmsnorm")
+    default_pipeline = False  # it only prepares quantize_int8: alone it would add multiplies    after = ("canonicalize", "layernorm_to_rmsnorm")
 
     @dataclass(frozen=True)
     class Config:

@@ -62,6 +62,7 @@ from graphopt.frontends.api import ArchiveError
 from graphopt.frontends.capture import graph_dynamic_shapes, one_line
 from graphopt.frontends.dump import dump
 from graphopt.frontends.onnx_export import OnnxExportError, export_onnx
+from graphopt.pipeline import pass_base
 from graphopt.pipeline.manager import run_graph
 from graphopt.pipeline.verify import Exact, compare, row_cosines
 
@@ -212,8 +213,9 @@ def _workload_from_factory(spec: str, made: Any, log: Callable[[str], None]) -> 
 
 
 def default_pass_names() -> list[str]:
-    """Every registered exact pass: what runs when ``--passes`` is not given."""
-    return [name for name, cls in graphopt.available_passes().items() if cls.exact]
+    """What runs when ``--passes`` is not given: every exact pass of the default pipeline
+    (:func:`graphopt.pipeline.pass_base.default_pass_names`)."""
+    return pass_base.default_pass_names()
 
 
 def parse_options(options: list[str]) -> dict[str, dict[str, Any]]:

@@ -58,6 +58,7 @@ __all__ = [
     "PassResult",
     "UnknownPassError",
     "available_passes",
+    "default_pass_names",
     "get_pass",
     "make_pass",
     "register_pass",
@@ -130,6 +131,10 @@ class Pass:
             pipeline when missing.
         after: names of passes that, when present in the pipeline, run before this one.
         budget: how the manager verifies the pass (default: :class:`graphopt.pipeline.verify.Exact`).
+        default_pipeline: whether an exact pass runs when no pass list is given
+            (:func:`default_pass_names`: the CLI without ``--passes``, the fuzzer). False for an
+            exact pass that only prepares another one (``smooth_quant`` before ``quantize_int8``)
+            and would only add work alone.
         Config: the pass's options, a frozen dataclass (the base one has no field). A pass is built
             as ``P(**options)`` or ``P(config=P.Config(...))``; the instance keeps it as ``config``.
             Frozen, so a pipeline, a report or a search can list, compare and vary options.
@@ -145,6 +150,7 @@ class Pass:
     requires: ClassVar[tuple[str, ...]] = ()
     after: ClassVar[tuple[str, ...]] = ()
     budget: Budget = Exact()
+    default_pipeline: ClassVar[bool] = True
 
     @dataclass(frozen=True)
     class Config:
@@ -300,6 +306,12 @@ def register_pass(cls: type[Pass] | None = None, *, override: bool = False) -> A
         )
     _REGISTRY[cls.name] = cls
     return cls
+
+
+def default_pass_names() -> list[str]:
+    """The exact passes that run when no pass list is given, in registry order: every registered
+    exact pass whose class keeps ``default_pipeline``."""
+    return [name for name, cls in available_passes().items() if cls.exact and cls.default_pipeline]
 
 
 def available_passes() -> dict[str, type[Pass]]:

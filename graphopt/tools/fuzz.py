@@ -45,7 +45,7 @@ from graphopt.backends import get_backend
 from graphopt.frontends.api import OptimizedModule, optimize
 from graphopt.frontends.capture import CaptureError, auto_dynamic_shapes, capture, captured_inputs, inference_view
 from graphopt.pipeline.manager import PassManager, run_graph
-from graphopt.pipeline.pass_base import Pass, available_passes
+from graphopt.pipeline.pass_base import Pass, available_passes, default_pass_names
 from graphopt.pipeline.report import APPLIED, NOT_APPLICABLE, ROLLED_BACK, UNCHANGED, Report, one_line
 from graphopt.pipeline.verify import Exact, flat_outputs
 from graphopt.testing import assert_close, declared_masks
@@ -72,14 +72,9 @@ T = TypeVar("T")
 # fold_repbn is exact but not registered: it only applies to layernorm_to_repbn graphs trained to
 # γ = 0, which graphopt.finalize checks; tests/passes/test_fold_repbn.py covers it.
 # graphopt's own exact passes: a pass a user or a test registers later is not part of the claim
-MEASURED_PASSES = ("smooth_quant",)
-"""Exact passes left out of the fuzzer: whether they apply depends on this machine's measured int8
-speed (and they only pay inside a quantized pipeline), which would make the fixed sample's outcome
-differ between machines; ``tests/passes/test_smooth_quant.py`` checks their exactness."""
-
-EXACT_PASSES: tuple[str, ...] = tuple(
-    sorted(name for name, cls in available_passes().items() if cls.exact and cls.__module__.startswith("graphopt.passes.") and name not in MEASURED_PASSES)
-)
+EXACT_PASSES: tuple[str, ...] = tuple(sorted(name for name in default_pass_names() if available_passes()[name].__module__.startswith("graphopt.passes.")))
+"""The exact passes of the default pipeline (``smooth_quant`` only prepares quantization and is
+tested on its own in ``tests/passes/test_smooth_quant.py``)."""
 
 # Every non-empty subset of the exact passes, in registry order (the manager orders them itself).
 COMBINATIONS: tuple[tuple[str, ...], ...] = tuple(c for n in range(1, len(EXACT_PASSES) + 1) for c in itertools.combinations(EXACT_PASSES, n))

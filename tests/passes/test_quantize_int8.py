@@ -124,6 +124,12 @@ def test_minilm_as_users_load_it_with_smoothquant_and_outliers(minilm):
     opt = graphopt.optimize(entry.model, passes, entry.example_inputs, dynamic_shapes=entry.dynamic_shapes, calibration=[calibration])
     assert opt.report.record("quantize_int8").status == APPLIED
     assert not ir.op_nodes(opt.graph_module, ir.aten.linear)
+    # Post-LN: each LayerNorm's output is also the residual stream, so SmoothQuant cannot fold into
+    # it; its x * (1/s) multiplies are all absorbed into the int8 linears' quantization sweeps
+    smoothing = opt.report.record("smooth_quant").stats
+    assert smoothing["linears"] == 36 and smoothing["folded_into_norms"] == 0 and smoothing["scales_inserted"] == smoothing["groups"]
+    assert opt.report.record("quantize_int8").stats["smoothed"] == 36
+    assert not [n for n in ir.op_nodes(opt.graph_module, ir.aten.mul) if isinstance(n.args[1], torch.fx.Node) and n.args[1].op == "get_attr" and "smooth" in n.args[1].target]
     with torch.no_grad():
         cosines = zoo.cosine_similarity_rows(opt(*held_out), entry.model(*held_out))
     assert cosines.mean() > 0.998 and cosines.min() > 0.995

@@ -284,3 +284,10 @@ def test_report_records_each_pass_options():
     record = fast.report.record("layernorm_to_rmsnorm")
     assert record.options == {"compress": True}
     assert fast.report.to_dict()["records"][0]["options"] == {"compress": True}
+
+
+def test_the_default_pipeline_is_the_exact_passes_that_stand_alone():
+    names = graphopt.default_pass_names()
+    assert {"canonicalize", "fold_batchnorm", "layernorm_to_rmsnorm", "remove_padding"} <= set(names)
+    assert "smooth_quant" not in names and graphopt.get_pass("smooth_quant").exact  # exact, but only a quantize_int8 preparation
+    assert all(graphopt.get_pass(n).exact for n in names)

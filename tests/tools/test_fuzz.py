@@ -126,7 +126,7 @@ FIXED_SAMPLE = settings(
     database=None,
     derandomize=True,  # the same sample on every run and machine
     deadline=None,
-    max_examples=40,
+    max_examples=25,
     phases=[Phase.generate],  # a failing case is reported as drawn: shrinking re-runs models for minutes
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )

@@ -339,6 +339,18 @@ _resolved: dict[tuple, str] = {}
 """(bucket, n, k, threads) -> timings: a call after the first looks its path up without building test data."""
 
 
+def _without_outliers(smooth: Tensor | None, outlier_index: Tensor, k: int) -> Tensor:
+    """The smoothing vector with zeros at the outlier columns (they leave the int8 product there),
+    made once per op's constants."""
+    key = ("without_outliers", None if smooth is None else smooth.data_ptr(), k)
+    held = _packs.setdefault(id(outlier_index), {})
+    if key not in held:
+        if len(held) == 0:
+            weakref.finalize(outlier_index, _packs.pop, id(outlier_index), None)
+        held[key] = _or_ones(None if smooth is None else smooth.float(), k).index_fill(0, outlier_index, 0.0).contiguous()
+    return held[key]
+
+
 def int8_linear_cpu(
     x: Tensor,
     qweight: Tensor,
@@ -361,8 +373,8 @@ def int8_linear_cpu(
         picked = x2.index_select(1, outlier_index)
         if smooth is not None:
             picked = picked * smooth.float()[outlier_index]
-        extra = F.linear(picked, outlier_weight.float())
-        smooth = _or_ones(None if smooth is None else smooth.float(), k).index_fill(0, outlier_index, 0.0)
+        extra = (picked, outlier_weight.float().t())
+        smooth = _without_outliers(smooth, outlier_index, k)
     smooth = None if smooth is None else smooth.float().contiguous()
     bias = None if bias is None else bias.float().contiguous()
     m = x2.shape[0]
@@ -378,8 +390,8 @@ def int8_linear_cpu(
     if extra is None:
         y = _INT8_KERNELS[path](x2, qweight, weight_scale.float().contiguous(), bias, smooth, activation)
     else:
-        y = _INT8_KERNELS[path](x2, qweight, weight_scale.float().contiguous(), None, smooth, "none")
-        y = apply_activation(y.add_(extra) if bias is None else y.add_(extra).add_(bias), activation)
+        y = _INT8_KERNELS[path](x2, qweight, weight_scale.float().contiguous(), bias, smooth, "none")
+        y = apply_activation(y.addmm_(*extra), activation)  # the outlier columns' fp32 product, added in place
     return y.reshape(*shape[:-1], n).to(x.dtype)
 
 
