@@ -41,8 +41,7 @@ from torch.fx import GraphModule
 
 from graphopt.ir import NotApplicable, add_constant, replace_node, val_of
 from graphopt.ir.calibrate import observe_channels, run_substituted
-from graphopt.ir.linears import Linear, find_linears, linear_input_scale, pointwise_after
-from graphopt.ir.match import select_layers
+from graphopt.ir.linears import Linear, chosen_linears, linear_input_scale, pointwise_after
 from graphopt.ops.platform import cpu_capabilities
 from graphopt.ops.quant import cpu as quant_cpu
 from graphopt.ops.quant.reference import quantize_per_channel
@@ -121,14 +120,8 @@ class QuantizeInt8(Pass):
     # -- analysis
 
     def analyze(self, gm: GraphModule, ctx: PassContext) -> tuple[list[Linear], list[str]]:
-        linears = find_linears(gm)
-        if not linears:
-            raise NotApplicable("no linear with a constant weight (aten.linear, addmm or mm) in the graph")
-        chosen = select_layers([lin.node for lin in linears], self.config.layers, self.config.pattern, "linear")
-        by_node = {lin.node: lin for lin in linears}
         ready, left = [], []
-        for node in chosen:
-            lin = by_node[node]
+        for lin in chosen_linears(gm, self.config.layers, self.config.pattern):
             val = val_of(lin.x)
             if not isinstance(val, torch.Tensor) or val.dtype != torch.float32:
                 left.append(f"{lin.name}: input is {getattr(val, 'dtype', 'not a tensor')}, int8 linears take fp32 activations")

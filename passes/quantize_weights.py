@@ -27,8 +27,7 @@ import torch
 from torch.fx import GraphModule
 
 from graphopt.ir import NotApplicable, add_constant, replace_node, val_of
-from graphopt.ir.linears import Linear, find_linears
-from graphopt.ir.match import select_layers
+from graphopt.ir.linears import Linear, chosen_linears
 from graphopt.ops.platform import cpu_capabilities
 from graphopt.ops.quant import cpu as quant_cpu
 from graphopt.ops.quant.reference import quantize_int4_groupwise, quantize_per_channel
@@ -83,14 +82,8 @@ class QuantizeWeights(Pass):
         return 0 if self.config.bits == 8 else self.config.group_size
 
     def analyze(self, gm: GraphModule, ctx: PassContext) -> tuple[list[Linear], list[str]]:
-        linears = find_linears(gm)
-        if not linears:
-            raise NotApplicable("no linear with a constant weight (aten.linear, addmm or mm) in the graph")
-        chosen = set(select_layers([lin.node for lin in linears], self.config.layers, self.config.pattern, "linear"))
         ready, left = [], []
-        for lin in linears:
-            if lin.node not in chosen:
-                continue
+        for lin in chosen_linears(gm, self.config.layers, self.config.pattern):
             val = val_of(lin.x)
             k = lin.weight(gm).shape[1]
             if not isinstance(val, torch.Tensor) or not val.is_floating_point():

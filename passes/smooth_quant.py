@@ -36,8 +36,8 @@ from torch.fx import GraphModule, Node
 
 from graphopt.ir import NotApplicable, add_constant, aten, get_tensor, is_op, normalized_args, val_of
 from graphopt.ir.calibrate import observe_channels
-from graphopt.ir.linears import Linear, find_linears
-from graphopt.ir.match import VIEW_OPS, select_layers
+from graphopt.ir.linears import Linear, chosen_linears
+from graphopt.ir.match import VIEW_OPS
 from graphopt.ir.oprecord import op_record
 from graphopt.ops.quant import cpu as quant_cpu
 from graphopt.ops.quant.reference import int8_linear_reference, quantize_per_channel
@@ -90,15 +90,9 @@ class SmoothQuant(Pass):
                 raise ValueError(f"alpha must be in [0, 1] or 'search', got {self.alpha!r}")
 
     def analyze(self, gm: GraphModule, ctx: PassContext) -> dict[Node, list[Linear]]:
-        linears = find_linears(gm)
-        if not linears:
-            raise NotApplicable("no linear with a constant weight (aten.linear, addmm or mm) in the graph")
-        chosen = set(select_layers([lin.node for lin in linears], self.config.layers, self.config.pattern, "linear"))
         groups: dict[Node, list[Linear]] = collections.defaultdict(list)
         left = []
-        for lin in linears:
-            if lin.node not in chosen:
-                continue
+        for lin in chosen_linears(gm, self.config.layers, self.config.pattern):
             val = val_of(lin.x)
             if not isinstance(val, torch.Tensor) or not val.is_floating_point():
                 left.append(f"{lin.name}: input is not a floating tensor")

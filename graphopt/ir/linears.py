@@ -11,15 +11,17 @@ per-channel ``c`` in front of a linear (SmoothQuant's migration left unfolded), 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import Tensor
 from torch.fx import GraphModule, Node
 from torch.fx.experimental.symbolic_shapes import optimization_hint
 
-from graphopt.ir import aten, get_tensor, is_op, normalized_args, only_user, val_of
+from graphopt.ir import NotApplicable, aten, get_tensor, is_op, normalized_args, only_user, val_of
+from graphopt.ir.match import select_layers
 
-__all__ = ["Linear", "find_linears", "linear_input_scale", "pointwise_after"]
+__all__ = ["Linear", "chosen_linears", "find_linears", "linear_input_scale", "pointwise_after"]
 
 
 @dataclass
@@ -82,6 +84,16 @@ def find_linears(gm: GraphModule) -> list[Linear]:
             if _constant(w) and beta_alpha_default and (b is None or (_constant(b) and get_tensor(gm, b).dim() == 1)):
                 found.append(Linear(node, x, w, b, transposed=True))
     return found
+
+
+def chosen_linears(gm: GraphModule, layers: Sequence[int] | None, pattern: str | None) -> list[Linear]:
+    """The graph's linears (:func:`find_linears`) chosen by index and name (:func:`graphopt.ir.match.select_layers`);
+    :class:`NotApplicable` when there is none, or none matches."""
+    linears = find_linears(gm)
+    if not linears:
+        raise NotApplicable("no linear with a constant weight (aten.linear, addmm or mm) in the graph")
+    chosen = set(select_layers([lin.node for lin in linears], layers, pattern, "linear"))
+    return [lin for lin in linears if lin.node in chosen]
 
 
 def linear_input_scale(gm: GraphModule, x: Node) -> tuple[Node, Tensor] | None:
