@@ -78,10 +78,6 @@ class CastBF16(Pass):
         require_native: bool = True
         attention: bool = True
 
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.budget = MinCosine(self.config.min_cosine)
-
     def analyze(self, gm: GraphModule, ctx: PassContext) -> tuple[list, list[Node]]:
         linears = [lin for lin in find_linears(gm) if val_of(lin.x) is not None and val_of(lin.x).dtype == torch.float32]
         others = [n for n in gm.graph.nodes if self.config.attention and (_is_attention(n) or (is_op(n, *_MATMUL_OPS) and self._activation_matmul(n)))]

@@ -40,7 +40,7 @@ from torch import Tensor
 from torch.fx import GraphModule
 
 from graphopt.ir import NotApplicable, add_constant, replace_node, val_of
-from graphopt.ir.calibrate import observe_channels, run_substituted
+from graphopt.ir.calibrate import calibration_batches, observe_channels, run_substituted
 from graphopt.ir.linears import Linear, chosen_linears, linear_input_scale, pointwise_after
 from graphopt.ops.platform import cpu_capabilities
 from graphopt.ops.quant import cpu as quant_cpu
@@ -63,15 +63,6 @@ class _Plan:
     outlier_weight: Tensor | None
     path: str
     timing: str
-
-
-def calibration_batches(ctx: PassContext) -> list[tuple[tuple, dict]]:
-    """The example inputs and the pipeline's calibration batches, as ``(args, kwargs)``."""
-    batches = [(tuple(ctx.example_inputs), dict(ctx.example_kwargs))]
-    for batch in ctx.state.get("calibration", ()):
-        is_pair = isinstance(batch, tuple) and len(batch) == 2 and isinstance(batch[1], dict)
-        batches.append((tuple(batch[0]), dict(batch[1])) if is_pair else (tuple(batch) if isinstance(batch, (tuple, list)) else (batch,), {}))
-    return batches
 
 
 @register_pass
@@ -112,10 +103,6 @@ class QuantizeInt8(Pass):
                 object.__setattr__(self, "layers", tuple(self.layers))
             if self.weight_qmax is not None and not 1 <= self.weight_qmax <= 127:
                 raise ValueError(f"weight_qmax must be in 1..127, got {self.weight_qmax}")
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.budget = MinCosine(self.config.min_cosine)
 
     # -- analysis
 

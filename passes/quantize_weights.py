@@ -73,10 +73,6 @@ class QuantizeWeights(Pass):
             if self.bits == 4 and self.group_size not in GROUP_SIZES:
                 raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {self.group_size}")
 
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.budget = MinCosine(self.config.min_cosine)
-
     @property
     def _group(self) -> int:
         return 0 if self.config.bits == 8 else self.config.group_size

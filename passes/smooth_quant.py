@@ -35,14 +35,13 @@ from torch import Tensor
 from torch.fx import GraphModule, Node
 
 from graphopt.ir import NotApplicable, add_constant, aten, get_tensor, is_op, normalized_args, val_of
-from graphopt.ir.calibrate import observe_channels
+from graphopt.ir.calibrate import calibration_batches, observe_channels
 from graphopt.ir.linears import Linear, chosen_linears
 from graphopt.ir.match import VIEW_OPS
 from graphopt.ir.oprecord import op_record
 from graphopt.ops.quant import cpu as quant_cpu
 from graphopt.ops.quant.reference import int8_linear_reference, quantize_per_channel
 from graphopt.pipeline.pass_base import Pass, PassContext, PassResult, register_pass, summarize_reasons
-from graphopt.passes.quantize_int8 import calibration_batches
 
 __all__ = ["ALPHA_GRID", "SmoothQuant", "smoothing_factors"]
 

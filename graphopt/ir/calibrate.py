@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.fx import GraphModule, Interpreter, Node
 from torch.fx.experimental.symbolic_shapes import optimization_hint
 
-__all__ = ["ChannelStats", "flat_inputs", "observe_channels", "run_substituted"]
+__all__ = ["ChannelStats", "calibration_batches", "flat_inputs", "observe_channels", "run_substituted"]
 
 
 def flat_inputs(gm: GraphModule, example_inputs: Sequence[Any], example_kwargs: dict | None = None) -> list[Any]:
@@ -85,6 +85,12 @@ class ChannelStats:
     def outliers(self, threshold: float) -> Tensor:
         """The channels whose ``max |x|`` exceeds ``threshold`` (LLM.int8()'s outlier features), int64."""
         return torch.nonzero(self.absmax > threshold).flatten()
+
+
+def calibration_batches(ctx) -> list[tuple[tuple, dict]]:
+    """A pass context's example inputs followed by the pipeline's calibration batches
+    (``ctx.state["calibration"]``, ``(args, kwargs)`` pairs: ``graphopt.optimize(calibration=...)``)."""
+    return [(tuple(ctx.example_inputs), dict(ctx.example_kwargs)), *ctx.state.get("calibration", ())]
 
 
 class _Watcher(Interpreter):

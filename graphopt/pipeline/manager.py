@@ -177,9 +177,9 @@ class PassManager:
     ) -> tuple[GraphModule, Report]:
         """Run the pipeline on ``gm`` (left untouched); returns the new graph and the report.
 
-        ``calibration``: more inputs for passes that calibrate on data (quantization), each a tuple
-        of positional inputs or an ``(args, kwargs)`` pair; passes find them in
-        ``ctx.state["calibration"]``. Verification uses the example inputs only.
+        ``calibration``: more inputs for passes that calibrate on data (quantization), as
+        ``(args, kwargs)`` pairs; passes find them in ``ctx.state["calibration"]``
+        (:func:`graphopt.ir.calibrate.calibration_batches`). Verification uses the example inputs only.
         """
         report = report or Report()
         args, kwargs = tuple(example_inputs), dict(example_kwargs or {})

@@ -48,7 +48,7 @@ from typing import Any, Callable, ClassVar, Sequence
 from torch.fx import GraphModule
 
 from graphopt.ir import NotApplicable
-from graphopt.pipeline.verify import Budget, Exact
+from graphopt.pipeline.verify import Budget, Exact, MinCosine
 
 __all__ = [
     "NotApplicable",
@@ -130,7 +130,9 @@ class Pass:
         requires: names of passes that must run before this one; the manager adds them to the
             pipeline when missing.
         after: names of passes that, when present in the pipeline, run before this one.
-        budget: how the manager verifies the pass (default: :class:`graphopt.pipeline.verify.Exact`).
+        budget: how the manager verifies the pass (default: :class:`graphopt.pipeline.verify.Exact`);
+            an approximate pass whose ``Config`` has a ``min_cosine`` option gets
+            ``MinCosine(min_cosine)`` per instance.
         default_pipeline: whether an exact pass runs when no pass list is given
             (:func:`default_pass_names`: the CLI without ``--passes``, the fuzzer). False for an
             exact pass that only prepares another one (``smooth_quant`` before ``quantize_int8``)
@@ -171,6 +173,7 @@ class Pass:
             if not isinstance(config, cls.Config):
                 raise TypeError(f"{label} expects a {cls.__name__}.Config, not {type(config).__name__}")
             self.config = config
+            self._budget_from_config()
             return
         known = [f.name for f in dataclasses.fields(cls.Config)]
         unknown = [k for k in options if k not in known]
@@ -181,6 +184,13 @@ class Pass:
             self.config = cls.Config(**options)
         except TypeError as e:  # a required option is missing
             raise TypeError(f"{label}: {e}") from None
+        self._budget_from_config()
+
+    def _budget_from_config(self) -> None:
+        """An approximate pass whose ``Config`` has a ``min_cosine`` option is verified against it
+        (``MinCosine(min_cosine)`` in place of the class's ``budget``)."""
+        if not type(self).exact and "min_cosine" in {f.name for f in dataclasses.fields(self.config)}:
+            self.budget = MinCosine(self.config.min_cosine)
 
     # -- the protocol the pass manager uses
 

@@ -48,6 +48,7 @@ from graphopt.ops.quant.reference import (
     quantize_int4_groupwise,
     quantize_per_channel,
     quantize_per_token,
+    take_out_outliers,
     weight_only_linear_reference,
 )
 
@@ -136,11 +137,7 @@ def _int8_linear_cuda(x, qweight, weight_scale, bias, smooth, outlier_index, out
     if smooth is None and outlier_index is None:
         return kernels.int8_linear_triton(x, qweight, weight_scale, bias, activation)
     # smoothing and outlier columns: one pointwise pass in front of the template, the outliers' fp32 product after it
-    xs = x.float() if smooth is None else x.float() * smooth
-    extra = None
-    if outlier_index is not None:
-        extra = F.linear(xs.index_select(-1, outlier_index), outlier_weight.float())
-        xs = xs.index_fill(-1, outlier_index, 0.0)
+    xs, extra = take_out_outliers(x.float(), smooth, outlier_index, outlier_weight)
     y = kernels.int8_linear_triton(xs, qweight, weight_scale, None, "none").float()
     if extra is not None:
         y = y + extra
@@ -166,12 +163,7 @@ def int8_linear_decomposition(x, qweight, weight_scale, bias, smooth, outlier_in
     op's CPU kernels instead (a decomposition cannot decline per call: inductor then refuses the op's
     fallback)."""
     k, n = x.shape[-1], qweight.shape[0]
-    extra = None
-    if outlier_index is not None:
-        xs = x.float() if smooth is None else x.float() * smooth
-        extra = F.linear(xs.index_select(-1, outlier_index), outlier_weight)
-        smooth = (torch.ones_like(weight_scale[:1]).expand(k) if smooth is None else smooth).index_fill(0, outlier_index, 0.0)
-    xs = x.float() if smooth is None else x.float() * smooth
+    xs, extra = take_out_outliers(x.float(), smooth, outlier_index, outlier_weight)
     scale = (xs.abs().amax(-1, keepdim=True) / 127).clamp_min(1e-30)
     q = torch.round(xs / scale).clamp(-127, 127).to(torch.int8)
     acc = torch._int_mm(q.reshape(-1, k), qweight.t())

@@ -51,7 +51,7 @@ from torch import Tensor
 
 from graphopt.ops.cbuild import build_c_library
 from graphopt.ops.platform import cpu_capabilities, fastest
-from graphopt.ops.quant.reference import apply_activation, dequantize_int4, quantize_per_token
+from graphopt.ops.quant.reference import apply_activation, dequantize_int4, quantize_per_token, weight_only_linear_reference
 
 __all__ = [
     "ACTIVATION_CODES",
@@ -149,12 +149,18 @@ _packs: dict[int, dict] = {}
 """id(qweight) -> its packed forms; an entry leaves with its tensor (``weakref.finalize``)."""
 
 
+def _held(tensor: Tensor) -> dict:
+    """What is derived from ``tensor`` (a graph constant) and kept while it lives."""
+    held = _packs.get(id(tensor))
+    if held is None:
+        held = _packs[id(tensor)] = {}
+        weakref.finalize(tensor, _packs.pop, id(tensor), None)
+    return held
+
+
 def _pack(qweight: Tensor, weight_scale: Tensor, path: str):
     """The prepacked form of ``qweight`` for ``path``, made once per weight tensor."""
-    held = _packs.get(id(qweight))
-    if held is None:
-        held = _packs[id(qweight)] = {}
-        weakref.finalize(qweight, _packs.pop, id(qweight), None)
+    held = _held(qweight)
     key = (path, weight_scale.data_ptr())
     if key not in held:
         with warnings.catch_warnings():
@@ -343,10 +349,8 @@ def _without_outliers(smooth: Tensor | None, outlier_index: Tensor, k: int) -> T
     """The smoothing vector with zeros at the outlier columns (they leave the int8 product there),
     made once per op's constants."""
     key = ("without_outliers", None if smooth is None else smooth.data_ptr(), k)
-    held = _packs.setdefault(id(outlier_index), {})
+    held = _held(outlier_index)
     if key not in held:
-        if len(held) == 0:
-            weakref.finalize(outlier_index, _packs.pop, id(outlier_index), None)
         held[key] = _or_ones(None if smooth is None else smooth.float(), k).index_fill(0, outlier_index, 0.0).contiguous()
     return held[key]
 
@@ -467,8 +471,6 @@ def weight_only_pays_off(m: int, n: int, k: int, group_size: int) -> bool:
 def weight_only_linear_cpu(x: Tensor, qweight: Tensor, scale: Tensor, zero: Tensor | None, group_size: int, bias: Tensor | None = None, path: str | None = None) -> Tensor:
     """``graphopt::weight_only_linear`` on CPU: the C matrix-vector kernels for a few rows, a dequantized GEMM otherwise."""
     if x.dtype == torch.float64:
-        from graphopt.ops.quant.reference import weight_only_linear_reference
-
         return weight_only_linear_reference(x, qweight, scale, zero, group_size, bias)
     shape, k = x.shape, x.shape[-1]
     n = qweight.shape[0]
@@ -483,7 +485,7 @@ def weight_only_linear_cpu(x: Tensor, qweight: Tensor, scale: Tensor, zero: Tens
         path, _ = weight_only_path(m, n, k, group_size)
     if k > 65536:  # the int4 kernel converts a row into a stack buffer of k floats
         path = "dequant"
-    y = _WEIGHT_ONLY_KERNELS[path](x2, qweight.contiguous(), scale, zero, group_size, bias) if path == "gemv" else None
-    if y is None:
+    y = _gemv(x2, qweight.contiguous(), scale, zero, group_size, bias) if path == "gemv" else None
+    if y is None:  # the dequantizing path, or no C kernels
         y = _dequant(x2, qweight, scale, zero, group_size, bias)
     return y.reshape(*shape[:-1], n).to(x.dtype)

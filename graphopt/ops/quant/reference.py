@@ -41,6 +41,7 @@ __all__ = [
     "quantize_int4_groupwise",
     "quantize_per_channel",
     "quantize_per_token",
+    "take_out_outliers",
     "unpack_int4",
     "weight_only_linear_reference",
 ]
@@ -84,6 +85,17 @@ def quantize_per_token(x: Tensor, qmax: int = 127) -> tuple[Tensor, Tensor]:
     return q, scale
 
 
+def take_out_outliers(x: Tensor, smooth: Tensor | None, outlier_index: Tensor | None, outlier_weight: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """What an int8 linear quantizes, and what it adds in floating point: ``x * smooth`` with the
+    outlier columns zeroed, and those columns times ``outlier_weightᵀ`` (None without outliers), in
+    the dtype of ``x``."""
+    xs = x if smooth is None else x * smooth.to(x.dtype)
+    if outlier_index is None:
+        return xs, None
+    extra = xs.index_select(-1, outlier_index) @ outlier_weight.to(x.dtype).t()
+    return xs.index_fill(-1, outlier_index, 0.0), extra
+
+
 def int8_linear_reference(
     x: Tensor,
     qweight: Tensor,
@@ -98,13 +110,7 @@ def int8_linear_reference(
 
     The int32 accumulation is computed exactly, in fp64.
     """
-    xf = x.double()
-    if smooth is not None:
-        xf = xf * smooth.double()
-    extra = None
-    if outlier_index is not None:
-        extra = xf.index_select(-1, outlier_index) @ outlier_weight.double().t()
-        xf = xf.index_fill(-1, outlier_index, 0.0)
+    xf, extra = take_out_outliers(x.double(), smooth, outlier_index, outlier_weight)
     q, s_x = quantize_per_token(xf.float())
     acc = q.double() @ qweight.double().t()  # integers, exact in fp64 for any K < 2^38
     y = acc * s_x.double()[..., None] * weight_scale.double()
