@@ -1,5 +1,7 @@
 """Rewrite passes (installed as graphopt.passes)."""
 
+from graphopt.passes import attention_to_linear  # noqa: F401
+from graphopt.passes import attention_to_sparse  # noqa: F401
 from graphopt.passes import canonicalize  # noqa: F401
 from graphopt.passes import cast_bf16  # noqa: F401
 from graphopt.passes import fold_batchnorm  # noqa: F401

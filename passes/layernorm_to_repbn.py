@@ -38,6 +38,7 @@ from torch.fx import GraphModule, Node
 
 from graphopt.ir import add_constant, aten, normalized_args, op_nodes, replace_node, val_of
 from graphopt.ir.match import module_path, select_layers
+from graphopt.ir.weights import as_parameter  # noqa: F401  (re-exported: graphopt.tools.repbn imports it from here)
 from graphopt.ir.spec import allow_module_calls
 from graphopt.pipeline.pass_base import NotApplicable, Pass, PassContext, PassResult, register_pass
 from graphopt.pipeline.verify import MinCosine
@@ -133,17 +134,6 @@ def repbn_scale_shift(bn_weight, bn_bias, running_mean, running_var, eta, eps: f
     """Eval-mode RepBN as ``x·scale + shift`` (float64): ``scale = s + η``, ``shift = b − mean·s``, ``s = w / sqrt(var + eps)``."""
     s = bn_weight.double() / torch.sqrt(running_var.double() + eps)
     return s + eta.double(), bn_bias.double() - running_mean.double() * s
-
-
-def as_parameter(gm: GraphModule, target: str, requires_grad: bool = False) -> nn.Parameter:
-    """Make the constant at ``target`` an ``nn.Parameter`` of ``gm`` (a buffer becomes one) and return it."""
-    *path, leaf = target.split(".")
-    owner = gm.get_submodule(".".join(path))
-    if leaf in owner._buffers:
-        owner.register_parameter(leaf, nn.Parameter(owner._buffers.pop(leaf), requires_grad=requires_grad))
-    param = owner._parameters[leaf]
-    param.requires_grad_(requires_grad)
-    return param
 
 
 def prepbn_nodes(gm: GraphModule) -> list[Node]:

@@ -69,3 +69,30 @@ class TinyMLP(torch.nn.Module):
 def tiny_mlp():
     torch.manual_seed(0)
     return TinyMLP().eval(), (torch.randn(2, 5, 8),)
+
+
+@pytest.fixture
+def graphopt_main(capfd):
+    """``run(*args) -> CompletedProcess``: ``graphopt ARGS`` in this process, through the entry point the
+    console script and ``python -m graphopt`` call (``main(argv)``, whose return value is the exit status);
+    stdout and stderr are what reached the file descriptors 1 and 2 during the call. What a factory file
+    adds to ``sys.path`` and ``sys.modules`` is taken back afterwards, as the end of its process would.
+    Tests register passes of their own in this process: a command that runs the default pipeline (every
+    registered exact pass) needs ``--passes`` here, or a subprocess."""
+    from graphopt.frontends.cli import main
+
+    def run(*args) -> subprocess.CompletedProcess:
+        argv = [str(a) for a in args]
+        path, modules = list(sys.path), set(sys.modules)
+        capfd.readouterr()  # what came before is not this command's output
+        try:
+            status = main(argv)
+        finally:
+            out, err = capfd.readouterr()
+            sys.path[:] = path
+            for name in set(sys.modules) - modules:
+                if name.startswith("graphopt_user_"):
+                    del sys.modules[name]
+        return subprocess.CompletedProcess(["graphopt", *argv], status, out, err)
+
+    return run

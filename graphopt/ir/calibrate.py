@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.fx import GraphModule, Interpreter, Node
 from torch.fx.experimental.symbolic_shapes import optimization_hint
 
-__all__ = ["ChannelStats", "calibration_batches", "flat_inputs", "observe_channels", "run_substituted"]
+__all__ = ["ChannelStats", "calibration_batches", "flat_inputs", "observe_channels", "record_arguments", "run_substituted"]
 
 
 def flat_inputs(gm: GraphModule, example_inputs: Sequence[Any], example_kwargs: dict | None = None) -> list[Any]:
@@ -133,3 +133,28 @@ def run_substituted(gm: GraphModule, substitutes: Mapping[Node, Callable[..., An
     function instead (called with the node's argument values)."""
     with torch.no_grad():
         return _Watcher(gm, {}, substitutes).run(*flat_inputs(gm, args, kwargs), enable_io_processing=False)
+
+
+class _ArgumentRecorder(Interpreter):
+    def __init__(self, gm: GraphModule, nodes: Iterable[Node]):
+        super().__init__(gm)
+        self.record: dict[Node, list[dict[str, Any]]] = {n: [] for n in nodes}
+
+    def run_node(self, n: Node) -> Any:
+        if n in self.record:
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            bound = torch.fx.operator_schemas.normalize_function(n.target, args, kwargs, normalize_to_only_use_kwargs=True)
+            values = bound.kwargs if bound is not None else {"args": args, **kwargs}
+            self.record[n].append(pytree.tree_map(lambda x: x.detach() if isinstance(x, Tensor) else x, dict(values)))
+        return super().run_node(n)
+
+
+def record_arguments(gm: GraphModule, nodes: Iterable[Node], batches: Iterable[tuple[Sequence[Any], dict]]) -> dict[Node, list[dict[str, Any]]]:
+    """The arguments each of ``nodes`` received on each of ``batches`` (``(args, kwargs)`` pairs), by
+    schema name: what a layer-local fit (attention transfer) trains on, the layer's inputs as the
+    unchanged graph computes them."""
+    recorder = _ArgumentRecorder(gm, nodes)
+    with torch.no_grad():
+        for args, kwargs in batches:
+            recorder.run(*flat_inputs(gm, args, kwargs), enable_io_processing=False)
+    return recorder.record

@@ -196,3 +196,15 @@ def fold_affine_before(gm: GraphModule, op: Node, scale: torch.Tensor, shift: to
     new_weight, new_bias = affine_before(get_tensor(gm, weight_node), bias, scale, shift)
     _attach(gm, op, "bias", bias_node, new_bias, _bias_hint(weight_node))
     _attach(gm, op, "weight", weight_node, new_weight, weight_node.target)
+
+
+def as_parameter(gm: GraphModule, target: str, requires_grad: bool = False) -> torch.nn.Parameter:
+    """Make the constant at ``target`` an ``nn.Parameter`` of ``gm`` (a buffer becomes one) and return it:
+    what a rewrite whose new constants are trained afterwards (PRepBN, learned feature maps) calls."""
+    *path, leaf = target.split(".")
+    owner = gm.get_submodule(".".join(path))
+    if leaf in owner._buffers:
+        owner.register_parameter(leaf, torch.nn.Parameter(owner._buffers.pop(leaf), requires_grad=requires_grad))
+    param = owner._parameters[leaf]
+    param.requires_grad_(requires_grad)
+    return param

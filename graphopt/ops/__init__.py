@@ -15,3 +15,5 @@ Importing this package registers every op with ``torch.library`` and fills the r
 from graphopt.ops import norms  # noqa: F401  (graphopt::rms_norm, graphopt::crms_norm)
 from graphopt.ops import varlen  # noqa: F401  (graphopt::pack_tokens, unpack_tokens, varlen_attention, sum_tokens, select_token)
 from graphopt.ops import quant  # noqa: F401  (graphopt::int8_linear, weight_only_linear)
+from graphopt.ops import linear_attention  # noqa: F401  (graphopt::linear_attention, hybrid_attention and their varlen forms)
+from graphopt.ops import sparse_attention  # noqa: F401  (graphopt::window_attention, block_sparse_attention, varlen_window_attention)

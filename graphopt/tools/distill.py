@@ -165,7 +165,8 @@ class DistillHooks:
     The engine calls, in order: :meth:`calibrate` once before the first step (not when resuming
     from a checkpoint: the student's state already holds its result), then for each run
     :meth:`begin_training` after putting the student in training mode, at every step
-    :meth:`progress` and, when it gives a value, :meth:`set_progress` before the forward pass, and
+    :meth:`progress` and, when it gives a value, :meth:`set_progress` before the forward pass,
+    :meth:`extra_loss` after it, and
     :meth:`end_training` when the run stops (also on an exception), before the student is put in
     eval mode. :meth:`state_dict` / :meth:`load_state_dict` carry hook state that the student's
     ``state_dict`` does not hold through checkpoints.
@@ -180,6 +181,11 @@ class DistillHooks:
 
     def set_progress(self, p: float) -> None:
         """Move the student's rewrite to progress ``p``."""
+
+    def extra_loss(self, student: nn.Module) -> torch.Tensor | None:
+        """The rewrite's own objective for the step just run forward, added to the loss (None: nothing),
+        e.g. attention transfer's per-layer error against softmax attention on the student's own inputs."""
+        return None
 
     def begin_training(self, student: nn.Module) -> None:
         """Called after ``student.train()``: e.g. switch statistics to frozen."""
@@ -564,6 +570,9 @@ class Distiller:
         student_taps.clear()
         outputs = self.student(*a, **k)
         value = self._objective(outputs, student_taps, targets)
+        extra = self.hooks.extra_loss(self.student)
+        if extra is not None:
+            value = value + extra
         self.optimizer.zero_grad(set_to_none=True)
         value.backward()
         if cfg.clip_grad_norm is not None:

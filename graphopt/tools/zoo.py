@@ -20,6 +20,10 @@ name            kind       what it is
 ``gpt2-tiny``   decoder    random-init 2-layer GPT-2 LM (Pre-LN, tied head,
                            ``use_cache=True`` left on)
 ``llama-tiny``  decoder    random-init 2-layer Llama LM (RMSNorm, RoPE, GQA)
+``llama-long``  decoder    random-init 4-layer Llama LM, 256 wide, GQA, RoPE over
+                           16384 positions (long-context attention benchmarks)
+``bert-long``   encoder    random-init 4-layer ``BertModel``, 256 wide, 8192
+                           learned positions (long-context attention benchmarks)
 ``vit-s``       vision     random-init DeiT-S sized ``ViTModel``
 ``convnet-bn``  conv       hand-written ResNet-like CNN, BatchNorm everywhere,
                            with randomised BN statistics
@@ -404,6 +408,62 @@ def _build_llama_tiny(*, attn_implementation: str | None = None) -> ZooEntry:
     )
 
 
+def _build_llama_long(*, attn_implementation: str | None = None) -> ZooEntry:
+    """A long-context Llama decoder: small enough to run 16k tokens on a CPU, shaped like the real
+    ones (4 query / 2 KV heads of 64, RoPE, RMSNorm, SwiGLU), with ``use_cache=False`` (prefill only).
+    The example is short ([2, 64]); its batch and sequence dims are dynamic, so a captured graph
+    takes inputs up to ``max_position_embeddings``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        vocab_size=1000,
+        max_position_embeddings=16384,
+        use_cache=False,  # a prefill model: a KV cache of 16k tokens would only cost memory here
+        **_attn_kwargs(attn_implementation),
+    )
+    model = LlamaForCausalLM(config).eval()
+    return ZooEntry(
+        name="llama-long",
+        model=model,
+        example_inputs=(_token_inputs(2, 64, config.vocab_size)[0],),
+        dynamic_shapes=_seq_dims(1),
+        description=MODELS["llama-long"],
+        kind="decoder",
+    )
+
+
+def _build_bert_long(*, attn_implementation: str | None = None) -> ZooEntry:
+    """A long-context BERT encoder: 4 layers, 256 wide, 4 heads of 64, 8192 learned positions.
+    The example is short ([2, 64], the last row ending in 8 pads); batch and sequence dims are
+    dynamic, so a captured graph takes inputs up to ``max_position_embeddings``."""
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=1024,
+        vocab_size=1000,
+        max_position_embeddings=8192,
+        **_attn_kwargs(attn_implementation),
+    )
+    model = BertModel(config).eval()
+    return ZooEntry(
+        name="bert-long",
+        model=model,
+        example_inputs=_token_inputs(2, 64, config.vocab_size, pad_last_row=8),
+        dynamic_shapes=_seq_dims(2),
+        description=MODELS["bert-long"],
+        kind="encoder",
+    )
+
+
 def _build_vit_s(*, image_size: int = 224, num_hidden_layers: int = 12, attn_implementation: str | None = None) -> ZooEntry:
     from transformers import ViTConfig, ViTModel
 
@@ -479,6 +539,8 @@ MODELS: dict[str, str] = {
     "bert-base": "random-init Hugging Face BertModel, bert-base sizes (12 layers, 768 wide)",
     "gpt2-tiny": "random-init GPT-2 LM, 2 layers, 128 wide, Pre-LN, tied LM head, use_cache=True",
     "llama-tiny": "random-init Llama LM, 2 layers, 128 wide, RMSNorm, RoPE, GQA (4 q / 2 kv heads)",
+    "llama-long": "random-init long-context Llama LM, 4 layers, 256 wide, GQA (4 q / 2 kv heads of 64), RoPE, 16384 positions, SDPA",
+    "bert-long": "random-init long-context BertModel, 4 layers, 256 wide, 4 heads of 64, 8192 positions, SDPA",
     "vit-s": "random-init ViT, DeiT-S sizes (12 layers, 384 wide, 224px, patch 16), no pooler",
     "convnet-bn": "hand-written ResNet-like CNN with Conv2d/Conv1d/Linear + BatchNorm (randomised stats)",
     "preln-tiny": "hand-written Pre-LN encoder, 2 layers, 64 wide, explicit matmul/softmax attention",
@@ -490,6 +552,8 @@ _BUILDERS: dict[str, Callable[..., ZooEntry]] = {
     "bert-base": _build_bert_base,
     "gpt2-tiny": _build_gpt2_tiny,
     "llama-tiny": _build_llama_tiny,
+    "llama-long": _build_llama_long,
+    "bert-long": _build_bert_long,
     "vit-s": _build_vit_s,
     "convnet-bn": _build_convnet_bn,
     "preln-tiny": _build_preln_tiny,

@@ -30,8 +30,9 @@ fp16 and bf16, row kernels (a layer norm at the longest row the template takes, 
 an RMSNorm after a residual add), the static flash-attention kernel in every mask variant at both
 precisions (``ieee`` for fp32, ``tf32`` for fp16/bf16) and in its varlen variant,
 ``triton_norm``'s two kernels, and the quantized linears' (``graphopt.ops.quant.triton``: the row
-quantization, the int8 GEMM with its int8 ``tl.dot``, which needs sm_80 or later, and the int4 GEMM).
-The interpreter must be off in this process (it replaces ``@triton.jit`` functions); the module
+quantization, the int8 GEMM with its int8 ``tl.dot``, which needs sm_80 or later, and the int4 GEMM),
+and linear attention's (``graphopt.ops.linear_attention.triton``: the bidirectional state and output
+kernels, the causal chunked kernel). The interpreter must be off in this process (it replaces ``@triton.jit`` functions); the module
 skips otherwise.
 """
 
@@ -66,8 +67,10 @@ from graphopt.tools import zoo  # noqa: E402
 from graphopt.frontends.api import optimize  # noqa: E402
 from graphopt.backends import triton_attention, triton_codegen, triton_matmul, triton_rowwise  # noqa: E402
 from graphopt.ops.flash_attention import triton as flash  # noqa: E402
+from graphopt.ops.linear_attention import triton as linear_triton  # noqa: E402
 from graphopt.ops.norms import triton as triton_norm  # noqa: E402
 from graphopt.ops.quant import triton as quant_triton  # noqa: E402
+from graphopt.ops.sparse_attention import triton as sparse_triton  # noqa: E402
 from graphopt.backends.triton_backend import plan  # noqa: E402
 from graphopt.frontends.capture import capture  # noqa: E402
 
@@ -153,10 +156,20 @@ def recording() -> Iterator[Recording]:
         patch.setattr(flash, "attention_fwd_kernel", _Recorder(tuner.fn, list(tuner.configs), record))
         for kernel in ("_rms_norm_kernel", "_crms_norm_kernel"):
             patch.setattr(triton_norm, kernel, _Recorder(getattr(triton_norm, kernel), None, record))
+        patch.setattr(sparse_triton, "interpreted", lambda: True)
+        sparse_config = triton.Config({"BLOCK_M": sparse_triton.GPU_BLOCK, "BLOCK_N": sparse_triton.GPU_BLOCK}, **sparse_triton.GPU_OPTIONS)
+        patch.setattr(sparse_triton, "sparse_attention_kernel", _Recorder(sparse_triton.sparse_attention_kernel, [sparse_config], record))
         patch.setattr(quant_triton, "interpreted", lambda: True)
         patch.setattr(quant_triton, "quantize_rows_kernel", _Recorder(quant_triton.quantize_rows_kernel, None, record))
         for kernel, tuned in (("int8_gemm_kernel", quant_triton.autotuned_int8_kernel()), ("int4_gemm_kernel", quant_triton.autotuned_int4_kernel())):
             patch.setattr(quant_triton, kernel, _Recorder(tuned.fn, list(tuned.configs), record))
+        patch.setattr(linear_triton, "interpreted", lambda: True)
+        for kernel, tuned in (
+            ("linear_attention_state_kernel", linear_triton.autotuned_state_kernel()),
+            ("linear_attention_output_kernel", linear_triton.autotuned_output_kernel()),
+            ("causal_linear_attention_kernel", linear_triton.autotuned_causal_kernel()),
+        ):
+            patch.setattr(linear_triton, kernel, _Recorder(tuned.fn, list(tuned.configs), record))
         yield record
 
 
@@ -368,6 +381,30 @@ def varlen_launches() -> list[Launch]:
     return record.launches
 
 
+def sparse_attention_launches() -> list[Launch]:
+    """The block-sparse attention kernel (``graphopt.ops.sparse_attention.triton``) on ``[2, 4, 100, 48]``
+    (grouped-query, 2 key heads): the window pattern with a key-padding mask (fp32, fp16, bf16) and
+    causal, a per-head block layout, and packed (varlen) windows; at its one GPU config (64 x 64 blocks,
+    which the key-block lists are built for)."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 100, 48, generator=gen)
+    k, v = (torch.randn(2, 2, 100, 48, generator=gen) for _ in range(2))
+    pad = torch.rand(2, 1, 1, 100, generator=gen) > 0.2
+    layout = torch.rand(4, 7, 7, generator=gen) > 0.5
+    qkv = torch.randn(57, 3, 4, 48, generator=gen)
+    with recording() as record:
+        for dtype in DTYPES:
+            record.label = f"sparse/window-pad/{dtype}"
+            sparse_triton.window_attention_triton(*cast([q, k, v], DTYPES[dtype]), 32, 1, pad)
+        record.label = "sparse/window-causal/fp16"
+        sparse_triton.window_attention_triton(*cast([q, k, v], torch.float16), 32, 1, None, True)
+        record.label = "sparse/block-layout/fp16"
+        sparse_triton.block_sparse_attention_triton(*cast([q, k, v], torch.float16), layout, 16)
+        record.label = "sparse/varlen/fp16"
+        sparse_triton.varlen_window_attention_triton(*qkv.half().unbind(1), torch.tensor([0, 17, 17, 57]), 16, 1)
+    return record.launches
+
+
 def norm_launches() -> list[Launch]:
     """``triton_norm``'s kernels on rows of 5000 (two blocks of ``MAX_BLOCK_SIZE`` per sweep)."""
     gen = torch.Generator().manual_seed(0)
@@ -408,6 +445,31 @@ def quant_launches() -> list[Launch]:
     return record.launches
 
 
+LINEAR_KERNELS = {"linear_attention_state_kernel": "state", "linear_attention_output_kernel": "output", "causal_linear_attention_kernel": "causal"}
+
+
+def linear_attention_launches() -> list[Launch]:
+    """Linear attention (``graphopt.ops.linear_attention.triton``) with key weights on
+    ``[2, 4, 70, F]`` queries, ``[2, 2, 70, ·]`` keys and values (GQA): bidirectional (the state
+    and the output kernels) and causal, ``F = Dv = 64`` in fp32, fp16 and bf16; the causal kernel
+    also at the widest features it takes (``F = 256``, ``Dv = 128``: two ``Dv`` tiles) in fp16.
+    Labelled ``linear/<kernel>/<dtype>`` (``state``, ``output``, ``causal``, ``causal-f256``)."""
+    gen = torch.Generator().manual_seed(0)
+    weights = torch.rand(2, 70, generator=gen)
+    shapes = {"": (64, 64), "-f256": (256, 128)}
+    with recording() as record:
+        for suffix, (features, dv) in shapes.items():
+            fq, fk = torch.rand(2, 4, 70, features, generator=gen), torch.rand(2, 2, 70, features, generator=gen)
+            v = torch.randn(2, 2, 70, dv, generator=gen)
+            for dtype in DTYPES if not suffix else ("fp16",):
+                for is_causal in (False, True) if not suffix else (True,):
+                    start = len(record.launches)
+                    linear_triton.linear_attention_triton(*cast([fq, fk, v], DTYPES[dtype]), weights, is_causal=is_causal)
+                    for launch in record.launches[start:]:
+                        launch.label = f"linear/{LINEAR_KERNELS[launch.fn.__name__]}{suffix}/{dtype}"
+    return record.launches
+
+
 GROUPS = {
     "preln-tiny": functools.partial(model_launches, "preln-tiny"),
     "gpt2-tiny": functools.partial(model_launches, "gpt2-tiny"),
@@ -415,8 +477,10 @@ GROUPS = {
     "row": row_launches,
     "attention": attention_launches,
     "varlen": varlen_launches,
+    "sparse": sparse_attention_launches,
     "norm": norm_launches,
     "quant": quant_launches,
+    "linear": linear_attention_launches,
 }
 
 
@@ -472,6 +536,11 @@ CASES = [
     ("varlen", "fp16", largest, "sm90"),
     ("varlen", "fp32", smallest, "sm90"),
     ("varlen", "bf16", largest, "sm80"),
+    *[("sparse", f"window-pad/{dtype}", largest, "sm90") for dtype in ("fp16", "fp32")],
+    ("sparse", "window-pad/bf16", largest, "sm80"),
+    ("sparse", "window-causal/fp16", largest, "sm90"),
+    *[("sparse", "block-layout/fp16", largest, arch) for arch in ("sm90", "sm80")],
+    ("sparse", "varlen/fp16", largest, "sm90"),
     ("norm", "rms_norm/fp16", largest, "sm90"),
     ("norm", "rms_norm_unweighted/fp32", largest, "sm90"),
     ("norm", "crms_norm/bf16", largest, "sm90"),
@@ -479,11 +548,16 @@ CASES = [
     ("quant", "quantize_rows/fp16", largest, "sm90"),
     *[("quant", f"int8_gemm/{activation}", largest, arch) for activation in ("gelu", "none") for arch in ("sm90", "sm80")],
     *[("quant", "int4/fp16", largest, arch) for arch in ("sm90", "sm80")],
+    *[("linear", f"{kernel}/fp16", largest, arch) for kernel in ("state", "output", "causal") for arch in ("sm90", "sm80")],
+    ("linear", "causal/fp32", smallest, "sm90"),
+    ("linear", "causal-f256/fp16", largest, "sm90"),
 ]
 """What compiles: each kernel at its largest config for sm_90 in the dtypes that matter, the
 smallest configs where they differ (fewest warps per long row, most matmul stages), fp32
 attention and varlen (``ieee``, the slowest to compile) at their smallest, one of each family for
-sm_80, the quantized linears' GEMMs at their largest tiles for both. Left out to keep the module under a minute: fp32 ``ieee`` attention and matmul at their largest config on
+sm_80, the quantized linears' GEMMs at their largest tiles for both, each linear-attention kernel
+at its largest config in fp16 for both, the causal one also in fp32 (``ieee``) at its smallest and
+at its widest features (``F = 256``: it spills, but fits the shared memory). Left out to keep the module under a minute: fp32 ``ieee`` attention and matmul at their largest config on
 sm_90 (5 s each; they fit, with several KB of spills per thread), all middle configs."""
 
 

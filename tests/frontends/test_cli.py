@@ -1,4 +1,13 @@
-"""The ``graphopt`` command line, run as a user runs it: in a subprocess (each one imports torch, a few seconds)."""
+"""The ``graphopt`` command line.
+
+Most tests call its entry point, ``graphopt.frontends.cli.main(argv)``, in this process, with the
+file descriptors captured (``capfd``): the same parser, commands, exit status and stdout/stderr a
+user gets, without a subprocess that imports torch (several seconds each). The tests that need a
+user's own process run the command as a user runs it, in a subprocess: the installed console
+script, ``python -m graphopt``'s exit status and stderr end to end (errors and ``--debug``), ``demo``
+(its default pipeline is every registered exact pass, and tests register passes of their own) and the
+Triton interpreter, which must be chosen before triton is imported.
+"""
 
 import os
 import re
@@ -123,23 +132,23 @@ def test_passes_listed_by_the_installed_console_script():
     assert lines["fold_batchnorm"].split()[1] == "exact"
 
 
-def test_passes_lists_each_option_with_its_default():
-    lines = {line.split()[0]: line for line in ok(graphopt_cli("passes")).stdout.splitlines()}
+def test_passes_lists_each_option_with_its_default(graphopt_main):
+    lines = {line.split()[0]: line for line in ok(graphopt_main("passes")).stdout.splitlines()}
     assert lines["layernorm_to_rmsnorm"].rstrip().endswith("options: compress=False")
     assert "schedule=linear_schedule" in lines["layernorm_to_repbn"]
     assert "options:" not in lines["canonicalize"]
 
 
-def test_models_lists_the_zoo():
-    lines = ok(graphopt_cli("models")).stdout.splitlines()
+def test_models_lists_the_zoo(graphopt_main):
+    lines = ok(graphopt_main("models")).stdout.splitlines()
     assert [line.split()[0] for line in lines] == [f"zoo:{name}" for name in zoo.MODELS]
     for line, description in zip(lines, zoo.MODELS.values()):
         assert line.endswith(description)
 
 
-def test_dump_convnet_fold_batchnorm(tmp_path):
+def test_dump_convnet_fold_batchnorm(tmp_path, graphopt_main):
     out = tmp_path / "dump"
-    result = ok(graphopt_cli("dump", "zoo:convnet-bn", "--passes", "fold_batchnorm", "--out", out))
+    result = ok(graphopt_main("dump", "zoo:convnet-bn", "--passes", "fold_batchnorm", "--out", out))
     assert "fold_batchnorm" in result.stdout and "applied" in result.stdout
     assert "[fold_batchnorm] running" in result.stderr  # progress
 
@@ -167,9 +176,9 @@ def test_dump_convnet_fold_batchnorm(tmp_path):
             onnx.checker.check_model(str(path))
 
 
-def test_dump_of_a_factory_file_quietly_without_onnx(tmp_path, factories):
+def test_dump_of_a_factory_file_quietly_without_onnx(tmp_path, factories, graphopt_main):
     out = tmp_path / "dump"
-    result = ok(graphopt_cli("dump", f"{factories}/models.py:build", "--passes", "fold_batchnorm", "--out", out, "--no-onnx", "-q"))
+    result = ok(graphopt_main("dump", f"{factories}/models.py:build", "--passes", "fold_batchnorm", "--out", out, "--no-onnx", "-q"))
     assert result.stderr == ""
     after = (out / "01_fold_batchnorm/after.txt").read_text()
     assert "aten.conv2d.default(" in after and "batch_norm" not in after
@@ -177,9 +186,9 @@ def test_dump_of_a_factory_file_quietly_without_onnx(tmp_path, factories):
     assert not list(out.glob("*.onnx")) and not (out / "onnx_error.txt").exists()
 
 
-def test_dump_minilm_canonicalize_shows_the_real_graph(tmp_path):
+def test_dump_minilm_canonicalize_shows_the_real_graph(tmp_path, graphopt_main):
     out = tmp_path / "minilm"
-    ok(graphopt_cli("dump", "zoo:minilm", "--passes", "canonicalize", "--out", out, "-q"))
+    ok(graphopt_main("dump", "zoo:minilm", "--passes", "canonicalize", "--out", out, "-q"))
     captured = (out / "00_captured.txt").read_text()
     assert "bert.encoder.layer.5" in captured and "input_ids: i64[" in captured
     step = out / "01_canonicalize"
@@ -193,9 +202,9 @@ def test_dump_minilm_canonicalize_shows_the_real_graph(tmp_path):
     assert (out / "model_after.onnx").is_file() or (out / "onnx_error.txt").is_file()
 
 
-def test_optimize_save_then_load_the_archive(tmp_path):
+def test_optimize_save_then_load_the_archive(tmp_path, graphopt_main):
     path = tmp_path / "convnet.pt2"
-    result = ok(graphopt_cli("optimize", "zoo:convnet-bn", "--passes", "fold_batchnorm", "--save", path, "-q"))
+    result = ok(graphopt_main("optimize", "zoo:convnet-bn", "--passes", "fold_batchnorm", "--save", path, "-q"))
     assert "fold_batchnorm" in result.stdout and f"saved {path} (" in result.stdout and " MB)" in result.stdout
 
     program = torch.export.load(str(path))
@@ -207,9 +216,9 @@ def test_optimize_save_then_load_the_archive(tmp_path):
             assert_close(loaded(images), entry.model(images))
 
 
-def test_dump_hf_folder_canonicalize(tmp_path, hf_bert):
+def test_dump_hf_folder_canonicalize(tmp_path, hf_bert, graphopt_main):
     out = tmp_path / "dump"
-    result = ok(graphopt_cli("dump", f"hf:{hf_bert}", "--passes", "canonicalize", "--out", out, "--no-onnx"))
+    result = ok(graphopt_main("dump", f"hf:{hf_bert}", "--passes", "canonicalize", "--out", out, "--no-onnx"))
     assert f"loaded hf:{hf_bert}: BertModel (bert, " in result.stderr and "sdpa attention" in result.stderr
     captured = (out / "00_captured.txt").read_text()
     assert captured.startswith(f"# captured hf:{hf_bert}")
@@ -220,9 +229,9 @@ def test_dump_hf_folder_canonicalize(tmp_path, hf_bert):
     assert (out / "01_canonicalize" / "after.txt").is_file() or (out / "01_canonicalize" / "status.txt").is_file()
 
 
-def test_optimize_hf_folder_remove_padding_then_the_archive_matches_the_model(tmp_path, hf_bert):
+def test_optimize_hf_folder_remove_padding_then_the_archive_matches_the_model(tmp_path, hf_bert, graphopt_main):
     path = tmp_path / "bert.pt2"
-    result = ok(graphopt_cli("optimize", f"hf:{hf_bert}", "--passes", "remove_padding", "--save", path, "-q"))
+    result = ok(graphopt_main("optimize", f"hf:{hf_bert}", "--passes", "remove_padding", "--save", path, "-q"))
     assert re.search(r"^remove_padding +exact +applied ", result.stdout, flags=re.M) and f"saved {path} (" in result.stdout
 
     model, tokenizer = _hf_reference(hf_bert)
@@ -240,22 +249,22 @@ def test_optimize_hf_folder_remove_padding_then_the_archive_matches_the_model(tm
         assert_close(ours.pooler_output, theirs.pooler_output)
 
 
-def test_hf_text_makes_the_example_batch(tmp_path, hf_bert):
+def test_hf_text_makes_the_example_batch(tmp_path, hf_bert, graphopt_main):
     texts = ["A short one.", "This second sentence is a good deal longer than the first one."]
     path = tmp_path / "bert.pt2"
     args = ["optimize", f"hf:{hf_bert}", "--passes", "canonicalize", "--text", texts[0], "--text", texts[1], "--save", path, "-q"]
-    ok(graphopt_cli(*args))
+    ok(graphopt_main(*args))
     (ids, mask), _ = torch.export.load(str(path)).example_inputs
     _, tokenizer = _hf_reference(hf_bert)
     expected_ids, expected_mask = zoo.tokenize(tokenizer, texts)
     assert ids.shape[0] == 2 and torch.equal(ids, expected_ids) and torch.equal(mask, expected_mask)
 
 
-def test_dump_of_a_pt2_saved_by_optimize(tmp_path):
+def test_dump_of_a_pt2_saved_by_optimize(tmp_path, graphopt_main):
     path = tmp_path / "convnet.pt2"
-    ok(graphopt_cli("optimize", "zoo:convnet-bn", "--passes", "canonicalize", "--save", path, "-q"))
+    ok(graphopt_main("optimize", "zoo:convnet-bn", "--passes", "canonicalize", "--save", path, "-q"))
     out = tmp_path / "dump"
-    result = ok(graphopt_cli("dump", path, "--passes", "fold_batchnorm", "--out", out, "--no-onnx"))
+    result = ok(graphopt_main("dump", path, "--passes", "fold_batchnorm", "--out", out, "--no-onnx"))
     assert f"loaded {path}: a torch.export program, 1 input" in result.stderr
     assert "fold_batchnorm" in result.stdout and "applied" in result.stdout
     captured = (out / "00_captured.txt").read_text()
@@ -265,11 +274,11 @@ def test_dump_of_a_pt2_saved_by_optimize(tmp_path):
     assert before.count("aten.batch_norm.default(") == 7 and "batch_norm" not in after
 
 
-def test_dump_of_an_hf_pt2_archive(tmp_path, hf_bert):
+def test_dump_of_an_hf_pt2_archive(tmp_path, hf_bert, graphopt_main):
     path = tmp_path / "bert.pt2"
-    ok(graphopt_cli("optimize", f"hf:{hf_bert}", "--passes", "canonicalize", "--save", path, "-q"))
+    ok(graphopt_main("optimize", f"hf:{hf_bert}", "--passes", "canonicalize", "--save", path, "-q"))
     out = tmp_path / "dump"
-    ok(graphopt_cli("dump", path, "--passes", "remove_padding", "--out", out, "--no-onnx", "-q"))
+    ok(graphopt_main("dump", path, "--passes", "remove_padding", "--out", out, "--no-onnx", "-q"))
     # the reloaded program is a graph the passes work on: remove_padding packs the tokens of the default (SDPA) BERT
     assert re.search(r"^\| remove_padding \| exact +\| applied ", (out / "report.md").read_text(), flags=re.M)
     after = (out / "02_remove_padding" / "after.txt").read_text()
@@ -278,9 +287,9 @@ def test_dump_of_an_hf_pt2_archive(tmp_path, hf_bert):
     assert re.search(r"^input_ids: i64\[s\d+, s\d+\] = input$", (out / "00_captured.txt").read_text(), flags=re.M)
 
 
-def test_hf_folder_without_a_tokenizer_is_one_line(tmp_path):
+def test_hf_folder_without_a_tokenizer_is_one_line(tmp_path, graphopt_main):
     folder = save_tiny_bert(tmp_path / "no_tokenizer", tokenizer=False)
-    result = graphopt_cli("optimize", f"hf:{folder}", "--passes", "canonicalize")
+    result = graphopt_main("optimize", f"hf:{folder}", "--passes", "canonicalize")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     lines = result.stderr.splitlines()
     assert lines[-1].startswith(f"graphopt: error: {folder} has no tokenizer: ") and "tokenizer.json" in lines[-1]
@@ -325,41 +334,55 @@ ERRORS = [  # (arguments, exit status, what the one line says); {f} is the facto
 ]
 
 
-@pytest.mark.parametrize(
-    "args, status, message",
-    ERRORS,
-    ids=[
-        "unknown-pass",
-        "unknown-model",
-        "missing-file",
-        "missing-factory",
-        "bad-model-syntax",
-        "file-syntax-error",
-        "bad-option-syntax",
-        "unaccepted-option",
-        "factory-raises",
-        "capture-fails",
-        "bad-out",
-        "hf-missing-folder",
-        "hf-not-a-model-folder",
-        "hf-config-transformers-rejects",
-        "hf-a-file",
-        "hf-folder-without-prefix",
-        "text-for-a-non-hf-model",
-        "export-text-for-a-non-hf-model",
-        "pt2-missing",
-        "pt2-corrupt",
-        "pt2-not-an-archive",
-        "pt2-without-example-inputs",
-    ],
-)
-def test_errors_are_one_line_without_traceback(factories, args, status, message):
-    result = graphopt_cli(*(a.format(f=factories) for a in args))
+ERROR_IDS = [
+    "unknown-pass",
+    "unknown-model",
+    "missing-file",
+    "missing-factory",
+    "bad-model-syntax",
+    "file-syntax-error",
+    "bad-option-syntax",
+    "unaccepted-option",
+    "factory-raises",
+    "capture-fails",
+    "bad-out",
+    "hf-missing-folder",
+    "hf-not-a-model-folder",
+    "hf-config-transformers-rejects",
+    "hf-a-file",
+    "hf-folder-without-prefix",
+    "text-for-a-non-hf-model",
+    "export-text-for-a-non-hf-model",
+    "pt2-missing",
+    "pt2-corrupt",
+    "pt2-not-an-archive",
+    "pt2-without-example-inputs",
+]
+
+
+def _assert_one_error_line(result, status, message):
     assert result.returncode == status
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("graphopt: error: " + message.format(f=factories))
+    assert lines[0].startswith("graphopt: error: " + message)
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args, status, message", ERRORS, ids=ERROR_IDS)
+def test_errors_are_one_line_without_traceback(factories, args, status, message, graphopt_main):
+    result = graphopt_main(*(a.format(f=factories) for a in args))
+    _assert_one_error_line(result, status, message.format(f=factories))
+
+
+# End to end, in a process of their own as users run them: a usage error (status 2), a failure while
+# working (status 1) that torch logs and prints about before raising, and the first import of
+# transformers. Output a process prints only once (at an import) or through a logging handler bound
+# to the stderr of its start would escape the in-process cases above.
+@pytest.mark.parametrize("case", ["unknown-pass", "capture-fails", "hf-config-transformers-rejects"])
+def test_errors_are_one_line_without_traceback_in_a_fresh_process(factories, case):
+    args, status, message = ERRORS[ERROR_IDS.index(case)]
+    result = graphopt_cli(*(a.format(f=factories) for a in args))
+    _assert_one_error_line(result, status, message.format(f=factories))
 
 
 def test_debug_shows_the_traceback():
@@ -369,6 +392,7 @@ def test_debug_shows_the_traceback():
 
 
 def test_demo_reports_fidelity_and_latency_on_real_minilm():
+    # a process of its own: the default pipeline is every registered exact pass, and tests register passes here
     result = ok(graphopt_cli("demo", "--repeats", "1", "-q"))
     out = result.stdout
     lines = out.splitlines()
@@ -404,12 +428,12 @@ def test_dump_triton_backend_writes_kernels_under_the_interpreter(tmp_path, fact
     assert "silu" in index  # the pointwise SiLU region, whatever runs it
 
 
-def test_triton_backend_without_cuda_is_one_line_before_loading_the_model(tmp_path):
+def test_triton_backend_without_cuda_is_one_line_before_loading_the_model(tmp_path, graphopt_main):
     if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("the triton backend can run here")
     out = tmp_path / "dump"
     for args in (["dump", "zoo:minilm", "--backend", "triton", "--out", out], ["optimize", "zoo:minilm", "--backend", "triton"]):
-        result = graphopt_cli(*args)
+        result = graphopt_main(*args)
         assert result.returncode == 1
         lines = result.stderr.splitlines()
         assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr

@@ -175,6 +175,13 @@ def test_every_graphopt_op_declares_an_onnx_translation():
         "graphopt::select_token",
         "graphopt::int8_linear",
         "graphopt::weight_only_linear",
+        "graphopt::linear_attention",
+        "graphopt::hybrid_attention",
+        "graphopt::varlen_linear_attention",
+        "graphopt::varlen_hybrid_attention",
+        "graphopt::window_attention",
+        "graphopt::block_sparse_attention",
+        "graphopt::varlen_window_attention",
     }
     assert all(r.onnx is not None and callable(r.onnx()) for r in records)
     table = onnx_export.onnx_translation_table()
@@ -243,6 +250,8 @@ def test_dump_of_gpt2_after_rmsnorm_writes_model_after_onnx(tmp_path, capfd):
         assert_close(logits, result.module(ids).logits, **FP32)
 
 
+# test_cli_export_end_to_end runs the command as users do, in a process of its own (no exporter chatter
+# from a fresh torch.onnx); the other command tests call its entry point here (graphopt_main, tests/conftest.py).
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "graphopt", *map(str, args)], capture_output=True, text=True, timeout=300)
 
@@ -260,7 +269,7 @@ def test_cli_export_end_to_end(tmp_path):
         assert_close(logits, entry.model(ids).logits, **FP32)
 
 
-def test_cli_export_of_an_hf_folder_builds_the_example_batch_from_text(tmp_path):
+def test_cli_export_of_an_hf_folder_builds_the_example_batch_from_text(tmp_path, graphopt_main):
     from transformers import AutoModel, AutoTokenizer
 
     from tests_helpers import save_tiny_bert
@@ -268,7 +277,7 @@ def test_cli_export_of_an_hf_folder_builds_the_example_batch_from_text(tmp_path)
     folder = save_tiny_bert(tmp_path / "bert")
     texts = ["A short one.", "This second sentence is a good deal longer than the first one."]
     out = tmp_path / "bert.onnx"
-    done = _cli("export", f"hf:{folder}", "--passes", "canonicalize", "--text", texts[0], "--text", texts[1], "--onnx", out)
+    done = graphopt_main("export", f"hf:{folder}", "--passes", "canonicalize", "--text", texts[0], "--text", texts[1], "--onnx", out)
     assert done.returncode == 0, done.stderr
     model = AutoModel.from_pretrained(folder, local_files_only=True).eval()
     ids, mask = zoo.tokenize(AutoTokenizer.from_pretrained(folder, local_files_only=True), texts)
@@ -283,7 +292,7 @@ def test_cli_export_of_an_hf_folder_builds_the_example_batch_from_text(tmp_path)
 
 
 @pytest.mark.parametrize("writer", ["graphopt.save", "torch.export.save"])
-def test_cli_dump_and_export_of_an_archive(tmp_path, writer):
+def test_cli_dump_and_export_of_an_archive(tmp_path, writer, graphopt_main):
     entry = zoo.load("convnet-bn")
     model, (x,) = entry.model, entry.example_inputs
     path = tmp_path / "convbn.pt2"
@@ -292,14 +301,14 @@ def test_cli_dump_and_export_of_an_archive(tmp_path, writer):
     else:
         torch.export.save(torch.export.export(model, (x,), dynamic_shapes=({0: Dim.AUTO},)), str(path))  # no graphopt record
 
-    done = _cli("dump", path, "--passes", "fold_batchnorm", "--out", tmp_path / "dump", "--no-onnx")
+    done = graphopt_main("dump", path, "--passes", "fold_batchnorm", "--out", tmp_path / "dump", "--no-onnx")
     assert done.returncode == 0, done.stderr
     assert f"loaded {path}: a torch.export program, 1 input" in done.stderr
     assert re.search(r"^\| fold_batchnorm \| exact +\| applied ", (tmp_path / "dump" / "report.md").read_text(), flags=re.M)
     assert re.search(r"^x: f32\[s\d+, 3, 32, 32\] = input$", (tmp_path / "dump" / "00_captured.txt").read_text(), flags=re.M)
 
     out = tmp_path / "convbn.onnx"
-    done = _cli("export", path, "--passes", "fold_batchnorm", "--onnx", out, "-q")
+    done = graphopt_main("export", path, "--passes", "fold_batchnorm", "--onnx", out, "-q")
     assert done.returncode == 0, done.stderr
     assert done.stdout.rstrip().endswith(f"wrote {out} (torch.export-based exporter)")
     other = torch.randn(5, 3, 32, 32)  # the archive's batch stayed dynamic through the re-capture and the export
@@ -317,16 +326,16 @@ def test_cli_dump_and_export_of_an_archive(tmp_path, writer):
     ],
     ids=["missing-directory", "a-directory", "unknown-pass"],
 )
-def test_cli_export_bad_input_is_one_line(tmp_path, args, message):
-    done = _cli("export", "zoo:gpt2-tiny", *[a.format(tmp=tmp_path) for a in args])
+def test_cli_export_bad_input_is_one_line(tmp_path, args, message, graphopt_main):
+    done = graphopt_main("export", "zoo:gpt2-tiny", *[a.format(tmp=tmp_path) for a in args])
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("graphopt: error: ") and re.search(message, lines[0]), done.stderr
     assert not list(tmp_path.glob("*.onnx"))
 
 
-def test_cli_export_needs_onnx(tmp_path):
-    done = _cli("export", "zoo:gpt2-tiny")
+def test_cli_export_needs_onnx(tmp_path, graphopt_main):
+    done = graphopt_main("export", "zoo:gpt2-tiny")
     assert done.returncode == 2 and "--onnx" in done.stderr
 
 

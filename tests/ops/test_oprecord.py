@@ -67,6 +67,7 @@ def test_every_graphopt_op_matches_its_reference_and_fake():
     q8 = torch.round(weight / (weight.abs().amax(1, keepdim=True) / 127)).to(torch.int8)
     w8_scale = weight.abs().amax(1) / 127
     q4 = torch.randint(0, 256, (6, 16), dtype=torch.uint8)  # K = 32: one group of 32
+    heads = torch.randn(1, 2, 5, 4)  # [B, H, L, D] for the attention ops
     calls = {
         "rms_norm": (x, w, b, 1e-6),
         "crms_norm": (x, 1e-6),
@@ -77,6 +78,13 @@ def test_every_graphopt_op_matches_its_reference_and_fake():
         "select_token": (x[mask.bool()], mask, 4),  # a pad in row 0, a token in row 1
         "int8_linear": (x, q8, w8_scale, b[:6], None, None, None, "relu"),
         "weight_only_linear": (torch.randn(2, 5, 32), q4, torch.rand(6, 1), torch.full((6, 1), 8.0), 32, None),
+        "linear_attention": (heads.abs(), heads.flip(2).abs(), heads * 2),
+        "hybrid_attention": (heads, heads.flip(2), heads * 2, heads.abs(), heads.flip(2).abs(), torch.zeros(2), 2),
+        "varlen_linear_attention": (packed.abs(), packed.flip(0).abs(), packed * 2, cu),
+        "varlen_hybrid_attention": (packed, packed.flip(0), packed * 2, packed.abs(), packed.flip(0).abs(), torch.zeros(2), 2, cu),
+        "window_attention": (heads, heads.flip(2), heads * 2, 2, 1),
+        "block_sparse_attention": (heads, heads.flip(2), heads * 2, torch.tensor([[True, False], [True, True]]), 4),
+        "varlen_window_attention": (packed, packed.flip(0), packed * 2, cu, 2, 1),
     }
     assert sorted(f"graphopt::{name}" for name in calls) == _graphopt_ops(), "a new op needs a case here"
     for name, args in calls.items():

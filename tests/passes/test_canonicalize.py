@@ -506,24 +506,37 @@ def test_preln_tiny_attention_and_layer_norm_formula():
     assert not any(count_ops(opt.graph_module)[op] for op in NORM_FORMULA_OPS)
 
 
-def test_minilm_eager_real_sentences():
-    entry = zoo.load("minilm", attn_implementation="eager")
+@pytest.fixture(scope="module")
+def minilm_eager():
+    """``(entry, other, opt)``: the real MiniLM with its attention written out, canonicalized once for the
+    two tests below (batch and length dynamic, strict), by ``assert_applies``: softmax gone, 6 SDPA, and
+    the function kept on the example and on 8 other real sentences ``other``. The IR is checked after
+    every pass, as the conftest does for each test (a module fixture runs before that one)."""
+    entry = zoo.load("minilm-eager")
     width = entry.example_inputs[0].shape[1]
     other = zoo.tokenize(entry.tokenizer, zoo.real_sentences(16)[8:], pad_to=width)
-    opt = _zoo_equivalence(entry, other, attention=6, identity_views=8)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GRAPHOPT_CHECK_IR", "1")
+        opt = _assert_attention(entry.model, entry.example_inputs, other, n=6, dynamic_shapes=entry.dynamic_shapes)
+    return entry, other, opt
+
+
+def test_minilm_eager_real_sentences(minilm_eager):
+    entry, other, opt = minilm_eager
+    assert opt.report.record("canonicalize").stats == {"attention": 6, "layer_norm": 0, "rms_norm": 0, "identity_views": 8, "view_chains": 0}
     with torch.no_grad():
         embeddings, reference = opt(*other), entry.model(*other)
     assert_close(embeddings, reference, max_rel_err=1e-5)
     assert zoo.cosine_similarity_rows(embeddings, reference).min() > 1 - 1e-6
 
 
-def test_minilm_sdpa_and_eager_canonicalize_to_the_same_graph():
+def test_minilm_sdpa_and_eager_canonicalize_to_the_same_graph(minilm_eager):
     """The model as users load it (SDPA) has only identity reshapes of SDPA's output to clean up;
     after that, it and the written-out form differ only in how the mask is spelled."""
-    sdpa, eager = zoo.load("minilm"), zoo.load("minilm-eager")
+    sdpa, (eager, _, eager_opt) = zoo.load("minilm"), minilm_eager
+    sdpa_opt = graphopt.optimize(sdpa.model, ["canonicalize"], sdpa.example_inputs, dynamic_shapes=sdpa.dynamic_shapes, strict=True)
     graphs = {}
-    for entry, attention in ((sdpa, 0), (eager, 6)):
-        opt = graphopt.optimize(entry.model, ["canonicalize"], entry.example_inputs, dynamic_shapes=entry.dynamic_shapes, strict=True)
+    for entry, attention, opt in ((sdpa, 0, sdpa_opt), (eager, 6, eager_opt)):
         record = opt.report.record("canonicalize")
         assert record.status == APPLIED and record.stats == {"attention": attention, "layer_norm": 0, "rms_norm": 0, "identity_views": 8, "view_chains": 0}
         graphs[entry.name] = count_ops(opt.graph_module)

@@ -45,7 +45,7 @@ def _call_targets(exported) -> set[str]:
 def test_registry_is_consistent():
     names = zoo.list_models()
     assert names == list(zoo.MODELS)
-    assert set(names) == {"minilm", "minilm-eager", "bert-base", "gpt2-tiny", "llama-tiny", "vit-s", "convnet-bn", "preln-tiny"}
+    assert set(names) == {"minilm", "minilm-eager", "bert-base", "gpt2-tiny", "llama-tiny", "llama-long", "bert-long", "vit-s", "convnet-bn", "preln-tiny"}
     assert all(desc and "\n" not in desc for desc in zoo.MODELS.values())
 
 
@@ -106,9 +106,8 @@ def test_exports_with_dynamic_shapes(name):
     # Re-run the exported program at a different batch (and sequence) size.
     if entry.kind == "conv":
         inputs = (entry.example_inputs[0][:1].repeat(3, 1, 1, 1),)
-    else:
-        ids, mask = entry.example_inputs
-        inputs = (ids[:, :9].repeat(3, 1), mask[:, :9].repeat(3, 1))
+    else:  # token ids (and an attention mask)
+        inputs = tuple(x[:, :9].repeat(3, 1) for x in entry.example_inputs)
     with torch.no_grad():
         expected = _primary(entry.model(*inputs))
     assert_close(_primary(exported.module()(*inputs)), expected)
@@ -205,6 +204,27 @@ def test_minilm_matches_sentence_transformers():
     with torch.no_grad():
         ours = entry.model(*zoo.tokenize(entry.tokenizer, sentences))
     assert zoo.cosine_similarity_rows(ours, reference.cpu()).min() > 0.9999
+
+
+@pytest.mark.parametrize("name", ["llama-long", "bert-long"])
+def test_long_context_models_capture_with_sdpa(name):
+    """The long-context entries: transformers' default SDPA attention, short examples, and a graph
+    captured on them that takes a longer sequence (its sequence dim is dynamic)."""
+    import graphopt
+
+    entry = _load(name)
+    config = entry.model.config
+    assert config._attn_implementation == "sdpa"
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (256, 4, 4)
+    assert config.max_position_embeddings == {"llama-long": 16384, "bert-long": 8192}[name]
+    if name == "llama-long":
+        assert config.num_key_value_heads == 2 and config.head_dim == 64 and config.use_cache is False
+    assert all(x.shape == (2, 64) for x in entry.example_inputs)
+    opt = graphopt.optimize(entry.model, ["canonicalize"], entry.example_inputs)
+    assert "aten.scaled_dot_product_attention.default" in _call_targets(opt.graph_module)
+    longer = tuple(x[:1].repeat(1, 3) for x in entry.example_inputs)  # [1, 192]: another batch and length
+    with torch.no_grad():
+        assert_close(_primary(opt(*longer)), _primary(entry.model(*longer)))
 
 
 # ---------------------------------------------------------------- text workload
