@@ -47,7 +47,7 @@ from graphopt.ir.match import select_layers
 from graphopt.ir.weights import as_parameter
 from graphopt.ops.linear_attention.feature_maps import FEATURE_MAPS, eager, features, hedgehog_init
 from graphopt.pipeline.pass_base import Pass, PassContext, PassResult, register_pass, summarize_reasons
-from graphopt.pipeline.verify import MinCosine, compare
+from graphopt.pipeline.verify import MinCosine, compare, fallback_until_within
 
 _SDPA = aten.scaled_dot_product_attention.default
 _VARLEN = torch.ops.graphopt.varlen_attention.default
@@ -311,15 +311,9 @@ class AttentionToLinear(Pass):
             outputs = run_substituted(gm, {layer.node: self._substitute(layer, weights[layer.node]) for layer in active}, args, kwargs)
             return compare(outputs, ctx.reference, self.budget)
 
-        if check(layers).ok:
+        kept = fallback_until_within(layers, check, self.budget)
+        if not kept:
             return []
-        alone = {layer.node: check([layer]).value for layer in layers}  # mean cosine of the outputs with only this layer converted
-        kept, active = [], list(layers)
-        for layer in sorted(layers, key=lambda layer: alone[layer.node]):
-            kept.append(layer)
-            active.remove(layer)
-            if not active or check(active).ok:
-                break
         ctx.log(f"attention_to_linear: softmax kept in {len(kept)} most sensitive layer(s) for {self.budget.describe()}")
         return kept
 

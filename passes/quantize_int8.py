@@ -46,7 +46,7 @@ from graphopt.ops.platform import cpu_capabilities
 from graphopt.ops.quant import cpu as quant_cpu
 from graphopt.ops.quant.reference import quantize_per_channel
 from graphopt.pipeline.pass_base import Pass, PassContext, PassResult, register_pass, summarize_reasons
-from graphopt.pipeline.verify import MinCosine, compare
+from graphopt.pipeline.verify import MinCosine, compare, fallback_until_within
 
 
 @dataclass
@@ -214,19 +214,9 @@ class QuantizeInt8(Pass):
             outputs = run_substituted(gm, {p.linear.node: self._kernel(p) for p in active}, args, kwargs)
             return compare(outputs, ctx.reference, self.budget)
 
-        if check(plans).ok:
+        kept = fallback_until_within(plans, check, self.budget)
+        if not kept:
             return []
-        # each layer alone; the worst first (lowest cosine, or highest error for an error budget)
-        alone = {id(plan): check([plan]).value for plan in plans}
-        sign = -1.0 if self.budget.worst([0.0, 1.0]) == 0.0 else 1.0
-        order = sorted(plans, key=lambda p: sign * alone[id(p)], reverse=True)
-        kept: list[_Plan] = []
-        active = list(plans)
-        for plan in order:
-            kept.append(plan)
-            active.remove(plan)
-            if not active or check(active).ok:
-                break
         ctx.log(f"quantize_int8: {len(kept)} most sensitive linears kept in fp32 for {self.budget.describe()}")
         return kept
 

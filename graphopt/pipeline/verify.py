@@ -19,7 +19,20 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils import _pytree as pytree
 
-__all__ = ["Budget", "Check", "Exact", "MinCosine", "Masks", "compare", "flat_outputs", "intersect_masks", "relative_error", "resolve_masks", "row_cosines"]
+__all__ = [
+    "Budget",
+    "Check",
+    "Exact",
+    "MinCosine",
+    "Masks",
+    "compare",
+    "fallback_until_within",
+    "flat_outputs",
+    "intersect_masks",
+    "relative_error",
+    "resolve_masks",
+    "row_cosines",
+]
 
 # per flat output leaf, a boolean tensor broadcastable to it (True: compared) or None (all of it)
 Masks = Sequence[torch.Tensor | None] | Callable[[int, torch.Tensor], torch.Tensor | None] | None
@@ -185,3 +198,25 @@ def compare(outputs: Any, reference: Any, budget: Budget, masks: Masks = None) -
     value = budget.worst(values)
     ok = budget.within(value)
     return Check(ok, budget.metric, value, "" if ok else f"worst at output {worst_leaf}; needs {budget.describe()}")
+
+
+def fallback_until_within(items: Sequence[Any], check: Callable[[list[Any]], Check], budget: Budget) -> list[Any]:
+    """The items to leave unrewritten so that rewriting the others meets ``budget``: none when all of
+    them do; else each is measured rewritten alone (``check([item])``) and the worst are left out one
+    at a time, worst first, until ``check(the rest)`` holds (all of them when it never does).
+
+    What per-layer fallback by measured sensitivity means for an approximate pass (``quantize_int8``
+    keeps a linear in fp32, ``attention_to_linear`` keeps softmax); ``check`` runs the graph with the
+    given items rewritten and compares it with the reference."""
+    if check(list(items)).ok:
+        return []
+    alone = [check([item]).value for item in items]
+    sign = -1.0 if budget.worst([0.0, 1.0]) == 0.0 else 1.0  # a cosine is worst low, an error high
+    order = sorted(range(len(items)), key=lambda i: sign * alone[i], reverse=True)
+    left_out, active = [], list(items)
+    for i in order:
+        left_out.append(items[i])
+        active.remove(items[i])
+        if not active or check(active).ok:
+            break
+    return left_out

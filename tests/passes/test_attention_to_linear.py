@@ -140,29 +140,9 @@ def test_rolls_back_when_the_budget_fails():
     assert ir.op_nodes(opt.graph_module, torch.ops.aten.scaled_dot_product_attention.default)
 
 
-@pytest.fixture(scope="module")
-def bert():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        num_hidden_layers=2,
-        hidden_size=64,
-        num_attention_heads=4,
-        intermediate_size=128,
-        vocab_size=100,
-        max_position_embeddings=64,
-        attn_implementation="sdpa",
-    )
-    model = transformers.BertModel(config).eval()
-    ids = torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones(2, 24, dtype=torch.long)
-    mask[1, 17:] = 0
-    return model, ids, mask
-
-
-def test_bert_pads_contribute_nothing(bert):
+def test_bert_pads_contribute_nothing(tiny_bert):
     """Linear attention with BERT's key-padding mask: a padded sequence's valid tokens equal the sequence run alone."""
-    model, ids, mask = bert
+    model, ids, mask = tiny_bert
     opt = graphopt.optimize(model, ["canonicalize", AttentionToLinear(feature_map="elu", min_cosine=0.0)], (ids, mask))
     assert opt.report.record("attention_to_linear").status == APPLIED
     with torch.no_grad():
@@ -171,8 +151,8 @@ def test_bert_pads_contribute_nothing(bert):
     assert_close(padded, alone, max_rel_err=1e-5)
 
 
-def test_bert_after_remove_padding_gets_packed_linear_attention(bert):
-    model, ids, mask = bert
+def test_bert_after_remove_padding_gets_packed_linear_attention(tiny_bert):
+    model, ids, mask = tiny_bert
     passes = lambda first: ["canonicalize", *first, AttentionToLinear(feature_map="hybrid", window=8, transfer_steps=0, min_cosine=0.0)]  # noqa: E731
     packed = graphopt.optimize(model, passes(["remove_padding"]), (ids, mask))
     padded = graphopt.optimize(model, passes([]), (ids, mask))

@@ -110,28 +110,8 @@ def test_rolls_back_when_a_tiny_window_breaks_the_budget():
     assert ir.op_nodes(opt.graph_module, torch.ops.aten.scaled_dot_product_attention.default)
 
 
-@pytest.fixture(scope="module")
-def bert():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        num_hidden_layers=2,
-        hidden_size=64,
-        num_attention_heads=4,
-        intermediate_size=128,
-        vocab_size=100,
-        max_position_embeddings=64,
-        attn_implementation="sdpa",
-    )
-    model = transformers.BertModel(config).eval()
-    ids = torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones(2, 24, dtype=torch.long)
-    mask[1, 17:] = 0
-    return model, ids, mask
-
-
-def test_bert_with_a_covering_window_keeps_its_outputs(bert):
-    model, ids, mask = bert
+def test_bert_with_a_covering_window_keeps_its_outputs(tiny_bert):
+    model, ids, mask = tiny_bert
     opt = graphopt.optimize(model, ["canonicalize", AttentionToSparse(window=64)], (ids, mask))
     record = opt.report.record("attention_to_sparse")
     assert record.status == APPLIED and record.stats["converted"] == 2 and record.stats["exact"]
@@ -144,8 +124,8 @@ def test_bert_with_a_covering_window_keeps_its_outputs(bert):
             assert_close(opt(*inputs).last_hidden_state, model(*inputs).last_hidden_state, max_rel_err=1e-5)
 
 
-def test_bert_after_remove_padding_gets_packed_window_attention(bert):
-    model, ids, mask = bert
+def test_bert_after_remove_padding_gets_packed_window_attention(tiny_bert):
+    model, ids, mask = tiny_bert
     opt = graphopt.optimize(model, ["canonicalize", "remove_padding", AttentionToSparse(window=64)], (ids, mask))
     record = opt.report.record("attention_to_sparse")
     assert record.status == APPLIED and record.stats["exact"], record.reason
