@@ -139,7 +139,7 @@ def recover(
     batches: Sequence[Any],
     steps: int,
     *,
-    train: str = "attention",
+    train: str | None = None,
     lr: float = 1e-3,
     transfer_weight: float = 1.0,
     output_weight: float = 1.0,
@@ -158,7 +158,9 @@ def recover(
         teacher: the original model, only run.
         batches: inputs (a tuple of positional inputs, a dict of keyword inputs, or one input), cycled.
         steps: AdamW steps.
-        train: ``"maps"``, ``"attention"`` or ``"all"`` (module docstring).
+        train: ``"maps"``, ``"attention"`` or ``"all"`` (module docstring); by default ``"maps"`` where
+            the converted layers have learned maps (on little data, training the projections too
+            over-fits: ``bench/results/attention_fidelity.md``), else ``"attention"``.
         lr: the learning rate.
         transfer_weight, output_weight: the weights of the two objectives.
         loss: the output objective, ``"cosine"`` or ``"mse"``.
@@ -170,9 +172,12 @@ def recover(
     Raises:
         ValueError: no converted attention in ``gm``, or an unknown ``train``.
     """
+    nodes = converted_nodes(gm)
+    if train is None:
+        learned = any(_map_constants(node.args[0]) or node.target in (_OPS.hybrid_attention.default, _OPS.varlen_hybrid_attention.default) for node in nodes)
+        train = "maps" if learned else "attention"
     if train not in ("maps", "attention", "all"):
         raise ValueError(f"train must be 'maps', 'attention' or 'all', got {train!r}")
-    nodes = converted_nodes(gm)
     if not nodes:
         raise ValueError("no converted attention in the graph: run attention_to_linear first")
     gm.requires_grad_(False)
