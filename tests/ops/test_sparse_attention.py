@@ -8,8 +8,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import graphopt  # noqa: F401  (registers the ops)
 from graphopt.ir.flops import count_flops
+from graphopt.ops import attention_masks
 from graphopt.ops.sparse_attention import cpu
-from graphopt.ops.sparse_attention import reference as sparse_reference
 from graphopt.ops.sparse_attention.reference import (
     block_layout_keep,
     block_pair_count,
@@ -86,9 +86,8 @@ def test_a_mask_that_hides_later_keys_makes_the_window_causal(monkeypatch):
         for mask in (tril & pad, torch.zeros(2, 1, 300, 300).masked_fill(~(tril & pad), float("-inf"))):
             assert_close(window_attention_reference(q, k, v, 40, glob, mask), as_causal, rtol=1e-5, atol=1e-5)
             assert_close(ops.window_attention(q, k, v, 40, glob, attn_mask=mask), as_causal, rtol=1e-5, atol=1e-5)
-    assert cpu.causal_key_mask(tril & pad, 300, 300).shape == (2, 1, 300)
-    monkeypatch.setattr(cpu, "CHECK_ROWS", 64)  # the mask is read 64 rows at a time
-    monkeypatch.setattr(sparse_reference, "CHECK_ROWS", 64)
+    assert attention_masks.causal_key_row(tril & pad, 300, 300).shape == (2, 1, 300)
+    monkeypatch.setattr(attention_masks, "CHECK_ROWS", 64)  # the mask is read 64 rows at a time
     decoder = tril & pad
     with LargestTensor() as seen:  # the key-padding row, not the [L, S] mask, reaches the bands
         cpu.window_attention_chunked(q, k, v, 40, 1, decoder, False)

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from graphopt.ops.attention_masks import causal_key_row, hides_later_keys, key_row
 from graphopt.ops.linear_attention.reference import (
     _heads,
     causal_keep,
@@ -47,32 +48,18 @@ CHUNK = 64
 def key_weights(attn_mask: Tensor | None, is_causal: bool, length_q: int, length_k: int, dtype: torch.dtype) -> tuple[str, Tensor | None]:
     """How ``attn_mask`` weighs the keys: ``("keys", w)`` with ``w`` ``[B|1, H|1, S]`` query-independent,
     ``("causal_keys", w)`` when the mask is a causal mask times such ``w`` (so the op runs causal),
-    or ``("general", None)``. No mask is ``("keys", None)``. The mask is compared in its own dtype
-    (a byte per pair for a boolean mask); only the row that gives ``w`` is converted to weights."""
+    or ``("general", None)``. No mask is ``("keys", None)``. Decided by
+    :mod:`graphopt.ops.attention_masks` on the mask in its own dtype; only the row ``w`` is converted."""
     if attn_mask is None:
         return "keys", None
-    mask = attn_mask
-    while mask.dim() < 4:
-        mask = mask.unsqueeze(0)
-    if mask.shape[-2] == 1 or mask.stride(-2) == 0:
-        return "keys", mask_weights(mask[..., 0, :], dtype)
-    last = mask[..., -1:, :]
-    if not is_causal and torch.equal(mask, last.expand_as(mask)):
-        return "keys", mask_weights(last[..., 0, :], dtype)
-    if length_q == length_k:
-        keep = causal_keep(length_q, length_k, mask.device)
-        zero = torch.zeros((), dtype=mask.dtype, device=mask.device)
-        # on and below the diagonal the rows repeat the last one; above it (unless is_causal hides it) every key weighs 0
-        if torch.equal(torch.where(keep, mask, zero), torch.where(keep, last, zero).expand_as(mask)) and (is_causal or _all_off(mask, keep)):
-            return "causal_keys", mask_weights(last[..., 0, :], dtype)
+    row = key_row(attn_mask)
+    if row is not False:
+        return "keys", mask_weights(row, dtype)
+    if length_q == length_k and (is_causal or hides_later_keys(attn_mask, length_q, length_k)):
+        row = causal_key_row(attn_mask, length_q, length_k)
+        if row is not False:
+            return "causal_keys", mask_weights(row, dtype)
     return "general", None
-
-
-def _all_off(mask: Tensor, keep: Tensor) -> bool:
-    """Whether ``mask`` gives weight exactly 0 wherever ``keep`` is False (False, or ``exp(m)`` underflowing: ``m < -104``)."""
-    if mask.dtype == torch.bool:
-        return not bool((mask & ~keep).any())
-    return bool((mask.masked_fill(keep, float("-inf")) < -104).all())
 
 
 def _weighted(fk: Tensor, w: Tensor | None) -> Tensor:

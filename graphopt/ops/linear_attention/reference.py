@@ -36,6 +36,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from graphopt.ops.attention_masks import causal_keep, hides_later_keys, mask_weights  # noqa: F401  (re-exported: the ops' reference names)
+
 __all__ = [
     "causal_keep",
     "hides_later_keys",
@@ -54,21 +56,6 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def mask_weights(attn_mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    """SDPA's ``attn_mask`` as the multiplicative weight softmax gives each key: a boolean mask as
-    1 (attend) / 0, an additive mask ``m`` as ``exp(m)`` (0 -> 1, -inf or dtype-min -> 0)."""
-    if attn_mask is None:
-        return None
-    if attn_mask.dtype == torch.bool:
-        return attn_mask.to(dtype)
-    return torch.exp(attn_mask.to(dtype))
-
-
-def causal_keep(length_q: int, length_k: int, device=None) -> Tensor:
-    """SDPA's ``is_causal`` mask: True where ``j <= i``, aligned at the top-left corner."""
-    return torch.ones(length_q, length_k, dtype=torch.bool, device=device).tril()
-
-
 def window_keep(length_q: int, length_k: int, window: int, is_causal: bool, device=None) -> Tensor:
     """True where key ``j`` is in query ``i``'s window: ``i − window < j <= i`` (causal) or ``|i − j| <= window // 2``."""
     i = torch.arange(length_q, device=device)[:, None]
@@ -76,14 +63,6 @@ def window_keep(length_q: int, length_k: int, window: int, is_causal: bool, devi
     if is_causal:
         return (j <= i) & (j > i - window)
     return (i - j).abs() <= window // 2
-
-
-def hides_later_keys(attn_mask: Tensor | None, length_q: int, length_k: int) -> bool:
-    """Whether ``attn_mask`` gives every key after its query weight 0 (a causal mask, perhaps with padding)."""
-    if attn_mask is None or length_q != length_k or length_q < 2:
-        return False
-    later = ~causal_keep(length_q, length_k, attn_mask.device)
-    return not bool((mask_weights(attn_mask, torch.float32) * later).any())
 
 
 def _heads(x: Tensor, heads: int) -> Tensor:

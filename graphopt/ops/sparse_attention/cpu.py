@@ -25,7 +25,7 @@ SDPA's ``attn_mask`` is taken on the fast paths when it is a key mask, the same 
 (``[B|1, H|1, 1, S]``, or ``[.., L, S]`` expanded from one or equal along the query dim: Hugging
 Face's ``sdpa`` BERT passes its padding mask so), or, under a causal window, when it is one at and
 before each query (a decoder's ``tril ∧ keys``, as Hugging Face's Llama passes it:
-:func:`causal_key_mask`); it is then gathered into the bands like the keys. Any other mask runs the dense form (:func:`dense_masked_sdpa`: SDPA over ``[L, S]`` with the
+:func:`~graphopt.ops.attention_masks.causal_key_row`); it is then gathered into the bands like the keys. Any other mask runs the dense form (:func:`dense_masked_sdpa`: SDPA over ``[L, S]`` with the
 pattern and the mask combined), as do sequences one chunk covers. Everything runs
 ``scaled_dot_product_attention`` in the inputs' dtype, which returns zeros for a fully masked row.
 """
@@ -38,13 +38,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from graphopt.ops.sparse_attention.reference import CHECK_ROWS, block_layout_keep, check_layout, mask_block, window_is_causal, window_pattern_keep
+from graphopt.ops.attention_masks import causal_key_row, key_row
+from graphopt.ops.sparse_attention.reference import block_layout_keep, check_layout, window_is_causal, window_pattern_keep
 
 __all__ = [
     "block_sparse_attention_gathered",
-    "causal_key_mask",
     "dense_masked_sdpa",
-    "key_mask",
     "varlen_window_attention_chunked",
     "window_attention_chunked",
     "window_chunk",
@@ -86,41 +85,9 @@ def dense_masked_sdpa(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, attn_mask: 
     return F.scaled_dot_product_attention(q, _expand_heads(k, heads), _expand_heads(v, heads), attn_mask=_combine(keep, attn_mask, q.dtype), scale=scale)
 
 
-def key_mask(attn_mask: Tensor | None, length_q: int) -> Tensor | None | bool:
-    """SDPA's mask as a per-key mask ``[B|1, H|1, S]`` when it is one (the same for every query),
-    None when there is no mask, False when it depends on the query (the fast paths then do not apply)."""
-    if attn_mask is None:
-        return None
-    if attn_mask.dim() > 4:
-        return False
-    mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
-    if mask.shape[2] == 1 or mask.stride(2) == 0:
-        return mask[:, :, 0]
-    first = mask[:, :, :1]
-    if torch.equal(mask, first.expand_as(mask)):  # materialised from a [B, 1, 1, S] padding mask
-        return first[:, :, 0]
-    return False
-
-
 def _gather_key_mask(keys: Tensor, dtype: torch.dtype) -> Tensor:
     """A per-key mask as SDPA's: bool stays, an additive one in the query's dtype."""
     return keys if keys.dtype == torch.bool else keys.to(dtype)
-
-
-def causal_key_mask(attn_mask: Tensor, length_q: int, length_k: int) -> Tensor | bool:
-    """A mask that, at or before each query (``j <= i``), is one per-key mask: that mask ``[B|1, H|1, S]``
-    (its last row), else False. Under a causal window only those keys are read, so a decoder's
-    ``tril ∧ keys`` mask runs the fast path with its key-padding row. Compared ``CHECK_ROWS`` rows at a time."""
-    if attn_mask.dim() < 2 or attn_mask.dim() > 4 or length_q != length_k:
-        return False
-    mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
-    last = mask_block(mask, length_q - 1, length_q, 0, length_k)  # [B', H', 1, S|1]
-    for start in range(0, length_q, CHECK_ROWS):
-        end = min(start + CHECK_ROWS, length_q)
-        later = torch.arange(end, device=mask.device) > torch.arange(start, end, device=mask.device)[:, None]  # j > i
-        if not bool(((mask_block(mask, start, end, 0, end) == mask_block(last, 0, 1, 0, end)) | later).all()):
-            return False
-    return last[:, :, 0].expand(*last.shape[:2], length_k)
 
 
 DENSE_FRACTION = 0.5
@@ -143,9 +110,9 @@ def window_attention_chunked(
     if window < 1:
         raise ValueError(f"window must be at least 1, got {window}")
     causal_window = window_is_causal(attn_mask, is_causal, length_q, length_k)
-    keys_mask = key_mask(attn_mask, length_q)
+    keys_mask = key_row(attn_mask)
     if keys_mask is False and causal_window:
-        keys_mask = causal_key_mask(attn_mask, length_q, length_k)
+        keys_mask = causal_key_row(attn_mask, length_q, length_k)
     chunk = window_chunk(window, causal_window)
     left, right = _reach(window, causal_window)
     chunks = math.ceil(length_q / chunk)
@@ -227,7 +194,7 @@ def block_sparse_attention_gathered(
     batch, heads, length_q, _ = q.shape
     length_k = k.shape[2]
     check_layout(layout, block_size, heads, length_q, length_k)
-    keys_mask = key_mask(attn_mask, length_q)
+    keys_mask = key_row(attn_mask)
     if keys_mask is False:
         keep = block_layout_keep(layout, block_size, length_q, length_k)
         if is_causal:

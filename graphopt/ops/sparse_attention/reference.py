@@ -37,7 +37,8 @@ import math
 import torch
 from torch import Tensor
 
-from graphopt.ops.linear_attention.reference import compute_dtype, hides_later_keys, mask_weights, window_keep
+from graphopt.ops.attention_masks import hides_later_keys
+from graphopt.ops.linear_attention.reference import compute_dtype, window_keep
 
 __all__ = [
     "block_layout_keep",
@@ -51,38 +52,11 @@ __all__ = [
     "window_pattern_keep",
 ]
 
-CHECK_ROWS = 512
-"""Rows of the mask :func:`window_is_causal` reads at a time (its temporaries are ``O(CHECK_ROWS · S)``)."""
-
 
 def window_is_causal(attn_mask: Tensor | None, is_causal: bool, length_q: int, length_k: int) -> bool:
     """Whether the window is the causal one: ``is_causal``, or ``attn_mask`` hides every later key
-    (:func:`~graphopt.ops.linear_attention.reference.hides_later_keys`, the hybrid attention's rule).
-
-    The mask is read ``CHECK_ROWS`` rows at a time, first rows first (a bidirectional mask answers at
-    once): each block's square on the diagonal by ``hides_later_keys`` itself, the keys right of it
-    by their weights, the same test as ``hides_later_keys`` over the whole mask, without its
-    ``[.., L, S]`` float temporaries."""
-    if is_causal:
-        return True
-    if attn_mask is None or length_q != length_k or length_q < 2:
-        return False
-    mask = attn_mask.reshape((1,) * (2 - attn_mask.dim()) + tuple(attn_mask.shape)) if attn_mask.dim() < 2 else attn_mask
-    for start in range(0, length_q, CHECK_ROWS):
-        end = min(start + CHECK_ROWS, length_q)
-        rows = mask_block(mask, start, end, 0, length_k)
-        if end - start >= 2 and not hides_later_keys(mask_block(rows, 0, end - start, start, end), end - start, end - start):
-            return False
-        if end < length_k and bool(mask_weights(mask_block(rows, 0, end - start, end, length_k), torch.float32).any()):
-            return False
-    return True
-
-
-def mask_block(mask: Tensor, row_start: int, row_end: int, col_start: int, col_end: int) -> Tensor:
-    """Rows ``row_start:row_end`` and columns ``col_start:col_end`` of a mask broadcastable to ``[.., L, S]``,
-    broadcast dims (size 1) left as they are: a view, never the expanded mask."""
-    rows = mask if mask.shape[-2] == 1 else mask[..., row_start:row_end, :]
-    return rows if rows.shape[-1] == 1 else rows[..., col_start:col_end]
+    (:func:`~graphopt.ops.attention_masks.hides_later_keys`, the hybrid attention's rule)."""
+    return is_causal or hides_later_keys(attn_mask, length_q, length_k)
 
 
 def window_pattern_keep(
