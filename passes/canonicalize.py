@@ -59,6 +59,21 @@ otherwise; a chain that does not move dimensions (left to the identity-view remo
 in-place op writes through, whose sizes cannot be proved to factor, or whose result would not have
 provably the same strides (a ``contiguous`` is kept last when the chain's result was contiguous, so
 ``view`` readers stay valid) stays as written.
+
+**Attention masks.** An ``aten.scaled_dot_product_attention`` with ``is_causal=False`` whose
+``attn_mask`` is computed from positions alone drops the mask. Hugging Face decoders captured with
+``torch.export`` build an explicit boolean ``[B, 1, L, L]`` mask from ``arange``-s, position ids
+and their packed-sequence check even when the model takes only ``input_ids`` (eager PyTorch passes
+no mask and ``is_causal=True``); SDPA then cannot take its causal kernels and reads an ``L x L``
+mask per layer. :class:`graphopt.ir.masks.MaskAnalysis` evaluates the mask's derivation; a mask
+proved :class:`~graphopt.ir.masks.Causal` over its last two dims (query positions along -2, key
+positions along -1, broadcast over batch and heads, both of the mask's full size) with True where
+the key position is at most the query position and False elsewhere (or, additive, 0 and -inf),
+and with query and key of provably the same length, becomes ``attn_mask=None, is_causal=True``:
+SDPA's causal mask is exactly that lower triangle. A mask proved all True (or additive all 0)
+goes. The mask's derivation, now read by nothing, is erased. A mask that also depends on another
+input (an ``attention_mask`` of padding), that offsets the query positions (a KV cache), compares
+positions otherwise (a sliding window) or is not provably causal for any other reason stays.
 """
 
 from __future__ import annotations
@@ -89,6 +104,7 @@ from graphopt.ir.match import (
     user_through_identities,
     view_chain,
 )
+from graphopt.ir.masks import Causal, Const, MaskAnalysis
 from graphopt.pipeline.pass_base import NotApplicable, Pass, PassContext, PassResult, register_pass, summarize_reasons
 
 _SOFTMAX_OPS = (aten.softmax.int, aten._softmax.default)
@@ -804,6 +820,76 @@ def _canonical_view_chains(gm: GraphModule) -> int:
     return rewritten
 
 
+# ----------------------------------------------------------------------------- attention masks
+
+
+def _mask_rewrite(sdpa: Node, masks: MaskAnalysis) -> str | None:
+    """``"causal"`` when ``sdpa``'s mask provably is SDPA's own causal mask, ``"none"`` when it
+    provably masks nothing, else None (no mask, already causal, or not provable)."""
+    args = normalized_args(sdpa)
+    mask = args["attn_mask"]
+    if args["is_causal"] or not isinstance(mask, Node):
+        return None
+    value = masks.try_value(mask)
+    mask_val = val_of(mask)
+    if value is None or mask_val is None:
+        return None
+    boolean = mask_val.dtype == torch.bool
+    if isinstance(value, Const):
+        return "none" if (bool(value.value) if boolean else value.value == 0) else None  # a bool Const may hold 1 (ones)
+    if not isinstance(value, Causal) or (value.query_dim, value.key_dim) != (-2, -1):
+        return None
+    if boolean:
+        polarity = bool(value.valid) and not bool(value.masked)
+    else:
+        polarity = value.valid == 0 and value.masked == -math.inf
+    query, key, mask_shape = shape_of(args["query"]), shape_of(args["key"]), shape_of(mask)
+    if not polarity or query is None or key is None or mask_shape is None or len(mask_shape) < 2:
+        return None
+    # the mask indexes queries along -2 and keys along -1 at their full sizes: L == S, unbroadcast
+    sizes = known_true(query[-2] == key[-2]) and known_true(mask_shape[-2] == query[-2]) and known_true(mask_shape[-1] == key[-2])
+    return "causal" if sizes else None
+
+
+def _erase_dead_cone(gm: GraphModule, node: Node) -> None:
+    """Erase ``node`` and what it was computed from once nothing reads them (pure ops only)."""
+    stack, erased = [node], set()
+    while stack:
+        n = stack.pop()
+        if n in erased or n.op != "call_function" or n.users or n.is_impure():
+            continue
+        inputs = n.all_input_nodes
+        gm.graph.erase_node(n)
+        erased.add(n)
+        stack.extend(inputs)
+
+
+def _simplify_attention_masks(gm: GraphModule) -> dict[str, int]:
+    """Causal masks -> ``is_causal=True``, all-True masks -> none (see the module docstring)."""
+    masks = MaskAnalysis()
+    counts = {"causal_masks": 0, "true_masks": 0}
+    plans = [(s, _mask_rewrite(s, masks)) for s in gm.graph.nodes if is_op(s, aten.scaled_dot_product_attention.default)]
+    for sdpa, kind in plans:
+        if kind is None:
+            continue
+        args = normalized_args(sdpa)
+        mask = args["attn_mask"]
+        defaults = {"dropout_p": 0.0, "scale": None, "enable_gqa": False}
+        kwargs = {k: args[k] for k, default in defaults.items() if args.get(k, default) != default}
+        if kind == "causal":
+            kwargs["is_causal"] = True
+        sdpa.args, sdpa.kwargs = (args["query"], args["key"], args["value"]), kwargs
+        counts["causal_masks" if kind == "causal" else "true_masks"] += 1
+        if not mask.users:
+            _erase_dead_cone(gm, mask)
+    return counts
+
+
+def _mask_candidates(gm: GraphModule) -> list[Node]:
+    masks = MaskAnalysis()
+    return [n for n in gm.graph.nodes if is_op(n, aten.scaled_dot_product_attention.default) and _mask_rewrite(n, masks) is not None]
+
+
 def _attention_candidates(gm: GraphModule) -> list[Node]:
     return [n for n in gm.graph.nodes if is_op(n, *_SOFTMAX_OPS)]
 
@@ -819,7 +905,8 @@ class Canonicalize(Pass):
 
     See the module docstring for the accepted forms and the rejections. Stats: how many of each
     were rewritten (``identity_views``: views bypassed; ``view_chains``: chains of views and
-    permutes rewritten in the split, permute, merge form); a candidate left alone is reported with its reason in the result message.
+    permutes rewritten in the split, permute, merge form; ``causal_masks``: attention masks proved
+    causal, now ``is_causal=True``; ``true_masks``: masks proved all True, dropped); a candidate left alone is reported with its reason in the result message.
     """
 
     name = "canonicalize"
@@ -834,7 +921,7 @@ class Canonicalize(Pass):
         never removes another candidate."""
         views, norms, softmaxes = _identity_view_candidates(gm), _norm_candidates(gm), _attention_candidates(gm)
         chains = [end for end in _view_chain_ends(gm) if _view_chain_form(_chain_of(end)) is not None]
-        if not (views or norms or softmaxes or chains):
+        if not (views or norms or softmaxes or chains or _mask_candidates(gm)):
             raise NotApplicable("no explicit attention or normalization formula, no identity view and no chain of views to rewrite in the graph")
         return norms, softmaxes
 
@@ -863,6 +950,8 @@ class Canonicalize(Pass):
                 continue
             _rewrite_attention(gm, match)
             stats["attention"] += 1
+        # after the attention rewrite, which may have made an SDPA of a written-out masked attention
+        stats.update(_simplify_attention_masks(gm))
         stats["view_chains"] = _canonical_view_chains(gm)
         stats["identity_views"] += _remove_identity_views(gm)
         changed = any(stats.values())

@@ -67,15 +67,15 @@ pooled output leaves the graph, the padded ``[B, S, ...]`` tensor is never built
 from __future__ import annotations
 
 import operator
-import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch.fx import GraphModule, Node
 
 import graphopt.ops.varlen  # noqa: F401  (registers the graphopt:: packing and attention ops)
-from graphopt.ir import NotApplicable, aten, describe, is_op, normalized_args, op_nodes, shape_of, val_of
+from graphopt.ir import NotApplicable, aten, describe, is_op, normalized_args, op_nodes, propagate_shapes, shape_of, val_of
+from graphopt.ir.masks import Causal as _Causal, MaskAnalysis as _MaskAnalysis, Padded as _Padded, is_full_slice as _is_full_slice, position_comparison as _position_comparison
 from graphopt.ir.match import VIEW_OPS, is_value_identity, known_true, normalize_dim, permutation, same_shape
 from graphopt.ir.oprecord import op_record
 from graphopt.pipeline.pass_base import Pass, PassContext, PassResult, register_pass
@@ -83,7 +83,6 @@ from graphopt.pipeline.pass_base import Pass, PassContext, PassResult, register_
 _SDPA = aten.scaled_dot_product_attention.default
 _PAD_BIAS_MAX = -1e4  # an additive mask at most this low gives pads softmax weight exactly 0
 _CASTS = (aten.to, aten._to_copy, aten.type_as)
-_LOGICAL = (aten.__and__, aten.__or__, aten.__xor__, aten.where)  # pointwise, but not tagged so
 _NORMS = (aten.layer_norm.default, aten.rms_norm.default)
 _SOFTMAX = (aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default)
 _SPLITS = (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default)  # a fused QKV's pieces
@@ -99,238 +98,6 @@ def _rank(node: Any) -> int | None:
 
 
 # ----------------------------------------------------------------------------- the padding mask
-
-
-@dataclass(frozen=True)
-class _Const:
-    """Every element equals ``value``."""
-
-    value: Any
-
-
-@dataclass(frozen=True)
-class _Ramp:
-    """Element value = its index along ``dim`` (counted from the right): an ``arange`` broadcast."""
-
-    dim: int
-
-
-@dataclass(frozen=True)
-class _Padded:
-    """Element value = ``valid`` where ``source[b, s]`` is a token, ``pad`` where it is padding;
-    ``b`` and ``s`` are the indices along ``batch_dim`` and ``seq_dim`` (counted from the right)."""
-
-    source: Node
-    batch_dim: int
-    seq_dim: int
-    valid: Any
-    pad: Any
-
-
-def _scalar(value: Any, dtype: torch.dtype) -> torch.Tensor:
-    return torch.tensor(value, dtype=dtype)
-
-
-class _MaskAnalysis:
-    """Abstract values of the nodes an attention mask is computed from (memoised)."""
-
-    def __init__(self) -> None:
-        self.values: dict[Node, Any] = {}
-
-    def value(self, node: Any) -> Any:
-        if not isinstance(node, Node):
-            if isinstance(node, (bool, int, float)):
-                return _Const(node)
-            raise NotApplicable(f"the mask derivation takes {node!r}, not a tensor")
-        if node not in self.values:
-            self.values[node] = self._evaluate(node)
-        return self.values[node]
-
-    def try_value(self, node: Any) -> Any | None:
-        try:
-            return self.value(node)
-        except NotApplicable:
-            return None
-
-    def _evaluate(self, node: Node) -> Any:
-        val = val_of(node)
-        if node.op == "placeholder":
-            if isinstance(val, torch.Tensor) and val.dim() == 2 and not val.is_floating_point():
-                return _Padded(node, -2, -1, valid=_scalar(1, val.dtype).item(), pad=_scalar(0, val.dtype).item())
-            raise NotApplicable(f"it depends on the input {node.name}, which is not a [batch, seq] integer or boolean mask")
-        if node.op == "get_attr":
-            tensor = getattr(node.graph.owning_module, node.target, None)
-            if isinstance(tensor, torch.Tensor) and tensor.numel() == 1:
-                return _Const(tensor.item())
-            raise NotApplicable(f"it depends on the constant {node.name}")
-        if node.op != "call_function":
-            raise NotApplicable(f"it depends on {node.name}")
-        if is_op(
-            node,
-            aten.zeros,
-            aten.ones,
-            aten.full,
-            aten.new_zeros,
-            aten.new_ones,
-            aten.new_full,
-            aten.scalar_tensor,
-            aten.zeros_like,
-            aten.ones_like,
-            aten.full_like,
-        ):
-            return _Const(self._filled_value(node))
-        if is_op(node, aten.arange.default, aten.arange.start, aten.arange.start_step):
-            return self._arange(node)
-        if is_op(node, aten.sym_size):
-            raise NotApplicable(f"{node.name} is a size, not a mask")
-        if is_op(node, aten.index.Tensor):
-            return self._index(node)
-        if is_op(node, *_CASTS) or is_op(node, *_LOGICAL) or torch.Tag.pointwise in node.target.tags:
-            return self._pointwise(node)
-        if is_op(node, aten.masked_fill_) and isinstance(node.args[0], Node) and len(node.args[0].users) == 1:
-            # filling a fresh tensor nothing else reads (nn.MultiheadAttention's key-padding mask
-            # from zeros_like): the same as the out-of-place masked_fill
-            return self._pointwise(node)
-        return self._shape_op(node)
-
-    @staticmethod
-    def _filled_value(node: Node) -> Any:
-        if is_op(node, aten.zeros, aten.new_zeros, aten.zeros_like):
-            return 0
-        if is_op(node, aten.ones, aten.new_ones, aten.ones_like):
-            return 1
-        args = normalized_args(node)
-        value = args.get("fill_value", args.get("s"))
-        if not isinstance(value, (bool, int, float)):
-            raise NotApplicable(f"{describe(node)} fills with a computed value")
-        return value
-
-    def _arange(self, node: Node) -> _Ramp:
-        args = normalized_args(node)
-        if args.get("start", 0) != 0 or args.get("step", 1) != 1:
-            raise NotApplicable(f"{describe(node)} is not arange(n)")
-        return _Ramp(-1)
-
-    def _index(self, node: Node) -> _Padded:
-        """``source[ramp_b, ramp_s]``: the index gather that vectorises a per-(b, s) mask function."""
-        source, indices = node.args[0], node.args[1]
-        src = self.value(source)
-        if not isinstance(src, _Padded) or (src.batch_dim, src.seq_dim) != (-2, -1) or _rank(source) != 2 or len(indices) != 2:
-            raise NotApplicable(f"{describe(node)} indexes the mask other than by one index per dimension")
-        ramps = [self.value(i) if isinstance(i, Node) else None for i in indices]
-        if not all(isinstance(r, _Ramp) for r in ramps):
-            raise NotApplicable(f"{describe(node)} indexes the mask with something other than index ramps")
-        # A ramp may be sized from another input (Hugging Face takes the batch size from the ids);
-        # the packing ops then need the two sizes equal and raise where they are not.
-        return _Padded(src.source, ramps[0].dim, ramps[1].dim, src.valid, src.pad)
-
-    def _pointwise(self, node: Node) -> Any:
-        operands = [a for a in node.args if isinstance(a, Node)] + [a for a in node.kwargs.values() if isinstance(a, Node)]
-        values = {a: self.value(a) for a in operands}
-        ramps = [v for v in values.values() if isinstance(v, _Ramp)]
-        padded = [v for v in values.values() if isinstance(v, _Padded)]
-        if ramps:
-            return self._ramp_op(node, values, ramps, padded)
-        if not padded:
-            return _Const(self._apply(node, values, lambda v: v.value))
-        first = padded[0]
-        if any((p.source, p.batch_dim, p.seq_dim) != (first.source, first.batch_dim, first.seq_dim) for p in padded):
-            raise NotApplicable(f"{describe(node)} combines masks laid out along different dimensions")
-        valid = self._apply(node, values, lambda v: v.valid if isinstance(v, _Padded) else v.value)
-        pad = self._apply(node, values, lambda v: v.pad if isinstance(v, _Padded) else v.value)
-        return _Padded(first.source, first.batch_dim, first.seq_dim, valid, pad)
-
-    def _ramp_op(self, node: Node, values: dict, ramps: list, padded: list) -> Any:
-        """Ops on index ramps: ``ramp + 0`` is the ramp, ``ramp >= c`` (``c <= 0``) is all True."""
-        if len(ramps) > 1:
-            raise NotApplicable(f"{describe(node)} compares query and key positions (a causal or windowed mask)")
-        if padded:
-            raise NotApplicable(f"{describe(node)} mixes positions into the padding mask")
-        other = [v.value for v in values.values() if isinstance(v, _Const)] + [a for a in node.args[1:] if isinstance(a, (int, float))]
-        if is_op(node, *_CASTS) or is_value_identity(node):
-            return ramps[0]
-        if is_op(node, aten.add, aten.sub) and other == [0]:
-            return ramps[0]
-        if node.args[0] is not None and values.get(node.args[0]) is ramps[0] and len(other) == 1:
-            if (is_op(node, aten.ge) and other[0] <= 0) or (is_op(node, aten.gt) and other[0] < 0):
-                return _Const(True)
-        raise NotApplicable(f"{describe(node)} makes the mask depend on the position")
-
-    @staticmethod
-    def _apply(node: Node, values: dict, pick: Callable[[Any], Any]) -> Any:
-        """Run ``node``'s op on 0-d tensors holding the picked scalar of each abstract operand."""
-
-        def concrete(arg: Any) -> Any:
-            if isinstance(arg, Node):
-                return _scalar(pick(values[arg]), val_of(arg).dtype)
-            return arg
-
-        args, kwargs = torch.fx.node.map_aggregate((node.args, node.kwargs), concrete)
-        try:
-            result = node.target(*args, **kwargs)
-        except (RuntimeError, TypeError) as e:
-            raise NotApplicable(f"{describe(node)} cannot be evaluated on a mask value ({e})") from None
-        return result.item() if isinstance(result, torch.Tensor) else result
-
-    def _shape_op(self, node: Node) -> Any:
-        source = node.args[0] if node.args else None
-        if not isinstance(source, Node):
-            raise NotApplicable(f"{describe(node)} is not a recognised mask derivation")
-        value = self.value(source)
-        if isinstance(value, _Const):
-            if is_op(node, aten.unsqueeze, aten.expand, aten.slice, aten.permute, aten.transpose, aten.squeeze, *VIEW_OPS):
-                return value
-            raise NotApplicable(f"{describe(node)} is not a recognised mask derivation")
-        mapping = self._dim_mapping(node, source)
-        if isinstance(value, _Ramp):
-            return _Ramp(mapping(value.dim))
-        return _Padded(value.source, mapping(value.batch_dim), mapping(value.seq_dim), value.valid, value.pad)
-
-    @staticmethod
-    def _dim_mapping(node: Node, source: Node) -> Callable[[int], int]:
-        """Where each dimension of ``source`` (counted from the right) is in ``node``'s output."""
-        in_shape, out_shape = shape_of(source), shape_of(node)
-        if in_shape is None or out_shape is None:
-            raise NotApplicable(f"{describe(node)} has no shape information")
-        r_in, r_out = len(in_shape), len(out_shape)
-        reject = NotApplicable(f"{describe(node)} reshapes the mask other than by adding size-1 dimensions")
-        if is_op(node, aten.expand) or (is_op(node, aten.slice) and _is_full_slice(node, in_shape)):
-            return lambda d: d
-        if is_op(node, aten.unsqueeze):
-            at = normalize_dim(node.args[1], r_out)
-            return lambda d: d if r_in + d >= at else d - 1
-        perm = permutation(node)
-        if perm is not None:
-            return lambda d: perm.index(r_in + d) - r_out
-        if is_op(node, *VIEW_OPS, aten.squeeze):
-            kept_in = [i for i, s in enumerate(in_shape) if not known_true(s == 1)]
-            kept_out = [i for i, s in enumerate(out_shape) if not known_true(s == 1)]
-            if len(kept_in) != len(kept_out) or not same_shape([in_shape[i] for i in kept_in], [out_shape[i] for i in kept_out]):
-                raise reject
-
-            def mapped(d: int) -> int:
-                if r_in + d not in kept_in:
-                    raise reject
-                return kept_out[kept_in.index(r_in + d)] - r_out
-
-            return mapped
-        raise NotApplicable(f"{describe(node)} is not a recognised mask derivation")
-
-
-def _is_full_slice(node: Node, shape: tuple) -> bool:
-    args = normalized_args(node)
-    dim, start, end, step = args["dim"], args["start"], args["end"], args["step"]
-    size = shape[normalize_dim(dim, len(shape))]
-    return start in (None, 0) and step == 1 and (end is None or end == sys.maxsize or (isinstance(end, int) and known_true(end >= size)))
-
-
-def _position_comparison(mask: Node) -> Node | None:
-    """A comparison in ``mask``'s derivation between two values computed from ``arange``s, if any."""
-    for node in [mask, *_ancestors([mask])]:
-        if is_op(node, aten.lt, aten.le, aten.gt, aten.ge, aten.eq, aten.ne) and len(node.all_input_nodes) == 2:
-            if all(any(is_op(a, aten.arange) for a in [x, *_ancestors([x])]) for x in node.all_input_nodes):
-                return node
-    return None
 
 
 def _check_attention(sdpa: Node, masks: _MaskAnalysis) -> Node:
@@ -354,6 +121,8 @@ def _check_attention(sdpa: Node, masks: _MaskAnalysis) -> Node:
         if causal is not None:
             raise NotApplicable(f"the attention mask of {sdpa.name} is causal or windowed: {describe(causal)} compares query and key positions") from None
         raise NotApplicable(f"the attention mask of {sdpa.name} is not derived from a padding input: {e}") from None
+    if isinstance(value, _Causal):
+        raise NotApplicable(f"the attention mask of {sdpa.name} is causal: every token needs the ones before it, pads included in the layout")
     if not isinstance(value, _Padded) or value.batch_dim != -4 or value.seq_dim != -1:
         raise NotApplicable(f"the attention mask of {sdpa.name} is not a per-sequence key mask [batch, 1, 1|seq, seq]")
     if val_of(mask).dtype == torch.bool:
@@ -669,23 +438,28 @@ class _Pooling:
 
 @dataclass
 class _Plan:
-    mask: Node
+    mask: Node | None  # None: packed without a mask, every token valid (packing_plan(unmasked=True))
     region: _Region
     exits: dict[Node, _Layout]
     outputs_at_pads: dict[int, _AtPads] = field(default_factory=dict)
     poolings: list[_Pooling] = field(default_factory=list)
 
 
-def _plan(gm: GraphModule) -> _Plan:
+def _plan(gm: GraphModule, unmasked: bool = False) -> _Plan:
     sdpas = op_nodes(gm, _SDPA)
     if not sdpas:
         raise NotApplicable("no aten.scaled_dot_product_attention in the graph (run canonicalize first for written-out attention)")
     masks = _MaskAnalysis()
-    sources = {_check_attention(s, masks) for s in sdpas}
-    if len(sources) > 1:
-        raise NotApplicable("the attention masks come from different inputs: " + ", ".join(sorted(s.name for s in sources)))
-    (mask,) = sources
-    pad_masks = {normalized_args(s)["attn_mask"] for s in sdpas}
+    if unmasked and all(normalized_args(s)["attn_mask"] is None for s in sdpas):
+        for s in sdpas:
+            _check_unmasked(s)
+        mask, pad_masks = None, {None}
+    else:
+        sources = {_check_attention(s, masks) for s in sdpas}
+        if len(sources) > 1:
+            raise NotApplicable("the attention masks come from different inputs: " + ", ".join(sorted(s.name for s in sources)))
+        (mask,) = sources
+        pad_masks = {normalized_args(s)["attn_mask"] for s in sdpas}
     region = _choose_region(gm, mask, sdpas, pad_masks, masks)
     inside = {**region.layouts, **region.size_reads}
     exits = {n: layout for n, layout in region.layouts.items() if n is not region.entry and any(u not in inside for u in n.users)}
@@ -693,9 +467,41 @@ def _plan(gm: GraphModule) -> _Plan:
     if flat:
         raise NotApplicable(f"{describe(flat[0])} holds the tokens flattened to [batch*seq, ...] and is read outside the token-wise region")
     plan = _Plan(mask, region, exits)
-    plan.outputs_at_pads = _follow_unpacked(gm, exits, mask, masks)
+    if mask is not None:  # without a mask every position is a token: nothing differs at pads
+        plan.outputs_at_pads = _follow_unpacked(gm, exits, mask, masks)
     plan.poolings = [p for x, layout in exits.items() for u in x.users if u not in inside for p in _poolings(u, x, layout, mask, masks)]
     return plan
+
+
+def _check_unmasked(sdpa: Node) -> None:
+    """A mask-free attention packs (every token valid) when it is bidirectional, dropout-free, not grouped and 4-D."""
+    args = normalized_args(sdpa)
+    if args["is_causal"]:
+        raise NotApplicable(f"{sdpa.name} is causal attention (a decoder)")
+    if args["dropout_p"] != 0:
+        raise NotApplicable(f"{sdpa.name} applies attention dropout")
+    if args["enable_gqa"]:
+        raise NotApplicable(f"{sdpa.name} uses grouped-query attention")
+    if any(_rank(args[k]) != 4 for k in ("query", "key", "value")):
+        raise NotApplicable(f"{sdpa.name} does not take [batch, heads, seq, dim] operands")
+
+
+def packing_plan(gm: GraphModule, *, unmasked: bool = False) -> _Plan:
+    """What :func:`apply_packing` would do to ``gm``; :class:`NotApplicable` saying why it cannot.
+
+    ``unmasked``: also pack a graph whose attentions take no mask, every token valid: nothing to
+    remove, but the packed form is what token pruning and merging shrink per sequence."""
+    return _plan(gm, unmasked)
+
+
+def apply_packing(gm: GraphModule, plan: _Plan) -> dict[str, int]:
+    """Rewrite ``gm`` to the packed form by ``plan`` (:func:`packing_plan` of this ``gm``), drop
+    what it no longer reads and propagate shapes (for a pass that goes on editing the packed graph);
+    returns the stats."""
+    stats = _rewrite(gm, plan)
+    gm.graph.eliminate_dead_code()
+    propagate_shapes(gm)
+    return stats
 
 
 def _poolings(reader: Node, x: Node, layout: _Layout, mask: Node, masks: _MaskAnalysis) -> list[_Pooling]:
@@ -743,7 +549,8 @@ def _choose_region(gm: GraphModule, mask: Node, sdpas: list[Node], pad_masks: se
         if best is None or len(region.missing) < len(best.missing) or (len(region.missing) == len(best.missing) and best.blocker is None):
             best = region
     if best is None:
-        raise NotApplicable(f"no [batch, seq, ...] tensor shaped like the mask {mask.name} feeds the attentions")
+        shaped = f"shaped like the mask {mask.name} " if mask is not None else ""
+        raise NotApplicable(f"no [batch, seq, ...] tensor {shaped}feeds the attentions")
     first = best.missing[0]
     if best.blocker is not None:
         raise NotApplicable(
@@ -774,6 +581,9 @@ def _rewrite(gm: GraphModule, plan: _Plan) -> dict[str, int]:
     while anchor.op == "placeholder":
         anchor = anchor.next
     with graph.inserting_before(anchor):
+        if mask is None:  # no padding mask: every position of the entry is a token
+            grid = [_call(graph, aten.sym_size.int, (entry, d)) for d in (0, 1)]
+            mask = graph.call_function(aten.new_ones.default, (entry, grid), {"dtype": torch.int64})
         packed = _call(graph, torch.ops.graphopt.pack_tokens.default, (entry, mask))
         tokens = _call(graph, aten.sym_size.int, (packed, 0))
         lengths = _call(graph, aten.sum.dim_IntList, (_call(graph, aten.ne.Scalar, (mask, 0)), [1]))
@@ -907,10 +717,10 @@ class RemovePadding(Pass):
         return _plan(gm)
 
     def rewrite(self, gm: GraphModule, plan: _Plan, ctx: PassContext) -> PassResult:
-        mask_index = [n for n in gm.graph.nodes if n.op == "placeholder"].index(plan.mask)
         stats = _rewrite(gm, plan)
         stats["packed_ops"] = len(plan.region.layouts) - 1
         stats["mask_input"] = plan.mask.name
+        mask_index = [n for n in gm.graph.nodes if n.op == "placeholder"].index(plan.mask)
         masks = _OutputMasks(plan.outputs_at_pads, mask_index) if plan.outputs_at_pads else None
         return PassResult(changed=True, stats=stats, output_masks=masks)
 

@@ -165,13 +165,14 @@ def _llama_opt(model, ids, window, min_cosine=0.99):
     )
 
 
-def test_llama_mask_built_into_the_tensor_gets_a_causal_window(llama):
+def test_llama_causal_mask_becomes_the_flag_and_a_causal_window(llama):
     model, ids = llama
     opt = _llama_opt(model, ids, 64)
     record = opt.report.record("attention_to_sparse")
     assert record.status == APPLIED and record.stats["converted"] == 2 and record.stats["exact"], record.reason
     (node, *_) = ir.op_nodes(opt.graph_module, torch.ops.graphopt.window_attention.default)
-    assert node.kwargs["attn_mask"] is not None and node.kwargs["is_causal"] is False  # the mask says causal, not the flag
+    # canonicalize proved transformers' [B, 1, L, L] mask causal: the flag says it, and no mask is read
+    assert node.kwargs["attn_mask"] is None and node.kwargs["is_causal"] is True
     longer = torch.randint(0, 100, (1, 64), generator=torch.Generator().manual_seed(1))  # window 64 >= length: every earlier key
     with torch.no_grad():
         for inputs in (ids, longer):

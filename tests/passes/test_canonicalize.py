@@ -354,7 +354,7 @@ def test_rewrites_what_it_can_and_reports_the_rest():
         return _attend(q @ k.transpose(-2, -1) * SCALE, v), kept @ v, kept
 
     opt, record = run_pass("canonicalize", Fn(fn), _qkv(0), strict=True)
-    assert record.status == APPLIED and record.stats == {"attention": 1, "layer_norm": 0, "rms_norm": 0, "identity_views": 0, "view_chains": 0}
+    assert record.status == APPLIED and record.stats == {"attention": 1, "layer_norm": 0, "rms_norm": 0, "identity_views": 0, "view_chains": 0, "causal_masks": 0, "true_masks": 0}
     assert record.reason == "left alone: softmax: the attention probabilities (softmax) have 2 users: matmul_3, output"
     assert count_ops(opt.graph_module)[SDPA] == 1 and count_ops(opt.graph_module)["aten.softmax.int"] == 1
 
@@ -416,7 +416,7 @@ def test_layer_norm_formulas(form, eps, weight, bias):
     x0, x1 = torch.randn(2, 5, 16) * 3 + 1, torch.randn(2, 5, 16)
     opt, ln = _assert_norm(model, x0, x1, torch.ops.aten.layer_norm.default)
     assert ln.args[4] == eps and (ln.args[2] is not None) == weight and (ln.args[3] is not None) == bias
-    assert opt.report.record("canonicalize").stats == {"attention": 0, "layer_norm": 1, "rms_norm": 0, "identity_views": 0, "view_chains": 0}
+    assert opt.report.record("canonicalize").stats == {"attention": 0, "layer_norm": 1, "rms_norm": 0, "identity_views": 0, "view_chains": 0, "causal_masks": 0, "true_masks": 0}
 
 
 class RMSNormFormula(nn.Module):
@@ -485,9 +485,10 @@ def test_norm_near_misses_are_left_alone_with_a_reason(case):
 # ----------------------------------------------------------------------------- zoo models
 
 
-def _zoo_equivalence(entry, other_inputs, attention, layer_norm=0, rms_norm=0, identity_views=0, view_chains=0):
+def _zoo_equivalence(entry, other_inputs, attention, layer_norm=0, rms_norm=0, identity_views=0, view_chains=0, true_masks=0):
     opt = _assert_attention(entry.model, entry.example_inputs, other_inputs, n=attention)
     stats = {"attention": attention, "layer_norm": layer_norm, "rms_norm": rms_norm, "identity_views": identity_views, "view_chains": view_chains}
+    stats |= {"causal_masks": 0, "true_masks": true_masks}
     assert opt.report.record("canonicalize").stats == stats
     return opt
 
@@ -523,7 +524,7 @@ def minilm_eager():
 
 def test_minilm_eager_real_sentences(minilm_eager):
     entry, other, opt = minilm_eager
-    assert opt.report.record("canonicalize").stats == {"attention": 6, "layer_norm": 0, "rms_norm": 0, "identity_views": 8, "view_chains": 0}
+    assert opt.report.record("canonicalize").stats == {"attention": 6, "layer_norm": 0, "rms_norm": 0, "identity_views": 8, "view_chains": 0, "causal_masks": 0, "true_masks": 0}
     with torch.no_grad():
         embeddings, reference = opt(*other), entry.model(*other)
     assert_close(embeddings, reference, max_rel_err=1e-5)
@@ -538,7 +539,7 @@ def test_minilm_sdpa_and_eager_canonicalize_to_the_same_graph(minilm_eager):
     graphs = {}
     for entry, attention, opt in ((sdpa, 0, sdpa_opt), (eager, 6, eager_opt)):
         record = opt.report.record("canonicalize")
-        assert record.status == APPLIED and record.stats == {"attention": attention, "layer_norm": 0, "rms_norm": 0, "identity_views": 8, "view_chains": 0}
+        assert record.status == APPLIED and record.stats == {"attention": attention, "layer_norm": 0, "rms_norm": 0, "identity_views": 8, "view_chains": 0, "causal_masks": 0, "true_masks": 0}
         graphs[entry.name] = count_ops(opt.graph_module)
         with torch.no_grad():
             assert_close(opt(*entry.example_inputs), entry.model(*entry.example_inputs), max_rel_err=1e-5)
@@ -621,7 +622,7 @@ def test_causal_decoders_eager(name, rms_norm, identity_views, view_chains):
 def test_vit_small_eager():
     entry = zoo.load("vit-s", attn_implementation="eager", image_size=32, num_hidden_layers=2)
     other = torch.randn(entry.example_inputs[0].shape, generator=torch.Generator().manual_seed(7))
-    _zoo_equivalence(entry, (other,), attention=2, identity_views=3)
+    _zoo_equivalence(entry, (other,), attention=2, identity_views=3, true_masks=2)  # ViT's all-zero additive mask goes
 
 
 def test_running_twice_finds_nothing_left():
@@ -631,3 +632,91 @@ def test_running_twice_finds_nothing_left():
     assert report.record("canonicalize").status == NOT_APPLICABLE
     with torch.no_grad():
         assert_close(run_graph(graph_module, entry.example_inputs), entry.model(*entry.example_inputs), max_rel_err=1e-5)
+
+
+# ----------------------------------------------------------------------------- attention masks
+
+
+def _sdpa_nodes(gm):
+    return [n for n in gm.graph.nodes if n.target is torch.ops.aten.scaled_dot_product_attention.default]
+
+
+def _sdpa_args(node):
+    from graphopt.ir import normalized_args
+
+    return normalized_args(node)
+
+
+@pytest.mark.parametrize(("name", "n"), [("gpt2-tiny", 2), ("llama-tiny", 2), ("llama-long", 4)])
+def test_hugging_face_causal_masks_become_is_causal(name, n):
+    """transformers' SDPA path, exported from input_ids alone, builds an explicit [B, 1, L, L]
+    boolean mask (causal and its packed-sequence check on arange position ids); it is SDPA's own."""
+    entry = zoo.load(name)
+    ids = entry.example_inputs[0]
+    longer = (torch.randint(0, 1000, (ids.shape[0] + 1, ids.shape[1] * 2 + 3), generator=torch.Generator().manual_seed(7)),)
+    opt = assert_applies("canonicalize", entry.model, entry.example_inputs, present=[SDPA], other_inputs=[longer], strict=True, dynamic_shapes=entry.dynamic_shapes)
+    assert opt.report.record("canonicalize").stats["causal_masks"] == n
+    sdpas = _sdpa_nodes(opt.graph_module)
+    assert len(sdpas) == n
+    for node in sdpas:
+        args = _sdpa_args(node)
+        assert args["is_causal"] is True and args["attn_mask"] is None
+    assert not [node for node in opt.graph_module.graph.nodes if node.target is torch.ops.aten.diff.default]  # the mask's derivation is gone
+    with torch.no_grad():
+        assert_close(opt(*longer).logits, entry.model(*longer).logits, rtol=0, atol=0)
+
+
+def _positions_attention(mask_of):
+    def attend(q, k, v, *extra):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask_of(q, k, *extra))
+
+    return Fn(attend)
+
+
+def _causal(q, k):
+    return torch.arange(k.shape[-2])[None, :] <= torch.arange(q.shape[-2])[:, None]
+
+
+def _mask_left_alone(model, inputs):
+    opt, record = run_pass("canonicalize", model, inputs, strict=True)
+    assert record.status == NOT_APPLICABLE, record
+    (node,) = _sdpa_nodes(opt.graph_module)
+    args = _sdpa_args(node)
+    assert args["attn_mask"] is not None and not args["is_causal"]
+
+
+def test_a_causal_mask_of_aranges_becomes_is_causal_and_a_true_mask_goes():
+    q, k, v = _qkv(0)
+    opt = assert_applies("canonicalize", _positions_attention(_causal), (q, k, v), present=[SDPA], other_inputs=[_qkv(1)], strict=True)
+    assert opt.report.record("canonicalize").stats["causal_masks"] == 1
+    assert _sdpa_args(_sdpa_nodes(opt.graph_module)[0])["is_causal"] is True
+    everything = _positions_attention(lambda q, k: torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool))
+    opt = assert_applies("canonicalize", everything, (q, k, v), present=[SDPA], other_inputs=[_qkv(1)], strict=True)
+    assert opt.report.record("canonicalize").stats["true_masks"] == 1
+    args = _sdpa_args(_sdpa_nodes(opt.graph_module)[0])
+    assert args["attn_mask"] is None and not args["is_causal"]
+
+
+def test_a_windowed_mask_stays():
+    def window(q, k):
+        return (torch.arange(q.shape[-2])[:, None] - torch.arange(k.shape[-2])[None, :]).abs() <= 1
+
+    _mask_left_alone(_positions_attention(window), _qkv(0))
+
+
+def test_a_causal_mask_with_a_padding_mask_input_stays():
+    def padded(q, k, attention_mask):
+        return _causal(q, k)[None, None] & attention_mask.bool()[:, None, None, :]
+
+    q, k, v = _qkv(0)
+    attention_mask = torch.ones(B, L, dtype=torch.long)
+    attention_mask[0, -2:] = 0
+    _mask_left_alone(_positions_attention(padded), (q, k, v, attention_mask))
+
+
+def test_keys_longer_than_queries_keep_their_mask():
+    """A KV cache: S keys, L < S queries; the mask is no square causal triangle, left to SDPA."""
+    q, _, _ = _qkv(0)
+    gen = torch.Generator().manual_seed(1)
+    k, v = torch.randn(B, H, L + 3, D, generator=gen), torch.randn(B, H, L + 3, D, generator=gen)
+    _mask_left_alone(_positions_attention(_causal), (q, k, v))

@@ -12,12 +12,13 @@ from graphopt.tools import zoo
 from graphopt.testing import assert_close
 from tests_helpers import save_tiny_bert
 
-# vit-s at full size is slow to export; tests use a small variant unless stated.
-SMALL_OVERRIDES = {"vit-s": {"image_size": 64, "num_hidden_layers": 2}}
+# vit-s at full size is slow to export; tests use a small variant unless stated. vit-digits
+# trains for minutes when its cache is missing: tests use its untrained weights.
+SMALL_OVERRIDES = {"vit-s": {"image_size": 64, "num_hidden_layers": 2}, "vit-digits": {"trained": False}}
 REAL_WEIGHTS = ("minilm", "minilm-eager")
 RANDOM_INIT = [n for n in zoo.list_models() if n not in REAL_WEIGHTS]
 EXPORTABLE = [n for n in zoo.list_models() if n not in ("gpt2-tiny", "llama-tiny")]
-HF_MODELS = ["minilm", "bert-base", "gpt2-tiny", "llama-tiny", "vit-s"]
+HF_MODELS = ["minilm", "bert-base", "gpt2-tiny", "llama-tiny", "vit-s", "vit-digits"]
 HAS_SENTENCE_TRANSFORMERS = importlib.util.find_spec("sentence_transformers") is not None
 
 
@@ -45,7 +46,19 @@ def _call_targets(exported) -> set[str]:
 def test_registry_is_consistent():
     names = zoo.list_models()
     assert names == list(zoo.MODELS)
-    assert set(names) == {"minilm", "minilm-eager", "bert-base", "gpt2-tiny", "llama-tiny", "llama-long", "bert-long", "vit-s", "convnet-bn", "preln-tiny"}
+    assert set(names) == {
+        "minilm",
+        "minilm-eager",
+        "bert-base",
+        "gpt2-tiny",
+        "llama-tiny",
+        "llama-long",
+        "bert-long",
+        "vit-s",
+        "vit-digits",
+        "convnet-bn",
+        "preln-tiny",
+    }
     assert all(desc and "\n" not in desc for desc in zoo.MODELS.values())
 
 
@@ -104,7 +117,7 @@ def test_exports_with_dynamic_shapes(name):
     if entry.dynamic_shapes is None:
         return
     # Re-run the exported program at a different batch (and sequence) size.
-    if entry.kind == "conv":
+    if entry.kind in ("conv", "vision"):  # images: batch dim only
         inputs = (entry.example_inputs[0][:1].repeat(3, 1, 1, 1),)
     else:  # token ids (and an attention mask)
         inputs = tuple(x[:, :9].repeat(3, 1) for x in entry.example_inputs)
@@ -141,7 +154,7 @@ def test_minilm_attn_implementation_switches_graph():
 @pytest.mark.parametrize("name", HF_MODELS)
 def test_attn_implementation_override(name):
     default, eager = _load(name, attn_implementation="sdpa"), _load(name, attn_implementation="eager")
-    hf_model = {"minilm": lambda m: m.bert}.get(name, lambda m: m)
+    hf_model = {"minilm": lambda m: m.bert, "vit-digits": lambda m: m.vit}.get(name, lambda m: m)
     assert hf_model(default.model).config._attn_implementation == "sdpa"
     assert hf_model(eager.model).config._attn_implementation == "eager"
     assert_close(_run(eager), _run(default))
@@ -225,6 +238,58 @@ def test_long_context_models_capture_with_sdpa(name):
     longer = tuple(x[:1].repeat(1, 3) for x in entry.example_inputs)  # [1, 192]: another batch and length
     with torch.no_grad():
         assert_close(_primary(opt(*longer)), _primary(entry.model(*longer)))
+
+
+def test_vit_digits_untrained_is_a_capturable_classifier():
+    """The untrained path (no cache, no training): [B, 10] logits on real digits, SDPA attention,
+    and graphopt captures it with a dynamic batch."""
+    import graphopt
+
+    entry = _load("vit-digits")
+    config = entry.model.vit.config
+    assert config._attn_implementation == "sdpa"
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.num_labels) == (192, 4, 3, 10)
+    assert (config.image_size // config.patch_size) ** 2 >= 64
+    (images,) = entry.example_inputs
+    test_images, _ = zoo.digits_data("test")
+    assert torch.equal(images, test_images[:8])
+    out = _run(entry)
+    assert isinstance(out, torch.Tensor) and out.shape == (8, 10) and torch.isfinite(out).all()
+    gm = graphopt.capture(entry.model, entry.example_inputs, dynamic_shapes=entry.dynamic_shapes)
+    assert "aten.scaled_dot_product_attention.default" in _call_targets(gm)
+    with torch.no_grad():
+        assert_close(gm(images), out)
+        assert_close(gm(test_images[8:11]), entry.model(test_images[8:11]))
+    assert 0.0 <= zoo.top1(entry.model, *zoo.digits_data("test")) <= 1.0
+
+
+def test_digits_data_is_deterministic_with_the_stated_sizes():
+    (train_x, train_y), (test_x, test_y) = zoo.digits_data("train"), zoo.digits_data("test")
+    size = zoo.VIT_DIGITS_CONFIG["image_size"]
+    assert train_x.shape == (1397, 1, size, size) and test_x.shape == (400, 1, size, size)
+    assert train_y.shape == (1397,) and test_y.shape == (400,)
+    assert train_x.dtype == torch.float32 and train_y.dtype == torch.int64
+    assert train_x.min() >= -1 and train_x.max() <= 1
+    assert torch.bincount(test_y, minlength=10).min() >= 39  # stratified: about 40 of each digit
+    again_x, again_y = zoo.digits_data("train")
+    assert torch.equal(again_x, train_x) and torch.equal(again_y, train_y)
+    with pytest.raises(ValueError):
+        zoo.digits_data("validation")
+
+
+def test_vit_digits_weights_come_from_the_cache(tmp_path, monkeypatch):
+    """``load("vit-digits")`` reads the cache file named by the config + recipe hash (no training
+    when it is there); another recipe names another file."""
+    monkeypatch.setenv("GRAPHOPT_CACHE", str(tmp_path))
+    path = zoo.vit_digits_cache_path()
+    assert path.parent == tmp_path and path.name.startswith("vit-digits-") and path.suffix == ".pt"
+    assert zoo.vit_digits_cache_path(zoo.DigitsRecipe(epochs=1)) != path
+    untrained = _load("vit-digits", seed=3)
+    payload = {"state_dict": untrained.model.vit.state_dict(), "train_seconds": 1.0, "threads": 1, "test_top1": 0.1}
+    torch.save(payload, path)
+    loaded = zoo.load("vit-digits")  # seed 0: only the cached weights make it equal the seed-3 model
+    assert_close(_run(loaded), _run(untrained))
+    assert zoo.train_vit_digits()["trained_now"] is False
 
 
 # ---------------------------------------------------------------- text workload

@@ -30,6 +30,7 @@ from torch.fx import Node
 from graphopt.ir import normalized_args, shape_of
 from graphopt.ir.flops import example_value, size
 from graphopt.ir.oprecord import OpRecord, register_op
+from graphopt.ops.recompute import recomputed_backward
 from graphopt.ops.linear_attention.cpu import CHUNK, hybrid_attention_fast, key_weights, linear_attention_fast, linear_sums
 from graphopt.ops.linear_attention.reference import (
     compute_dtype,
@@ -109,39 +110,13 @@ def varlen_hybrid_attention(
     return _varlen_hybrid(q, k, v, fq, fk, mix, window, cu_seqlens, scale, eps)
 
 
-# ----------------------------------------------------------------------------- autograd
+# ----------------------------------------------------------------------------- autograd (graphopt.ops.recompute)
 
 
-def _recomputed_backward(op, forward) -> None:
-    """Make ``op`` differentiable by recomputing ``forward`` (torch ops) under autograd in the backward."""
-
-    def setup_context(ctx, inputs, output):
-        ctx.tensor_positions = [i for i, x in enumerate(inputs) if isinstance(x, Tensor)]
-        ctx.others = [None if isinstance(x, Tensor) else x for x in inputs]
-        ctx.save_for_backward(*(inputs[i] for i in ctx.tensor_positions))
-
-    def backward(ctx, grad):
-        args = list(ctx.others)
-        wanted = []
-        for i, saved in zip(ctx.tensor_positions, ctx.saved_tensors):
-            args[i] = saved.detach().requires_grad_(bool(ctx.needs_input_grad[i]) and saved.is_floating_point())
-            if args[i].requires_grad:
-                wanted.append(i)
-        grads = [None] * len(args)
-        if wanted:
-            with torch.enable_grad():
-                found = torch.autograd.grad(forward(*args), [args[i] for i in wanted], grad, allow_unused=True)
-            for i, g in zip(wanted, found):
-                grads[i] = g
-        return tuple(grads)
-
-    op.register_autograd(backward, setup_context=setup_context)
-
-
-_recomputed_backward(linear_attention, linear_attention_fast)
-_recomputed_backward(hybrid_attention, hybrid_attention_fast)
-_recomputed_backward(varlen_linear_attention, _varlen_linear)
-_recomputed_backward(varlen_hybrid_attention, _varlen_hybrid)
+recomputed_backward(linear_attention, linear_attention_fast)
+recomputed_backward(hybrid_attention, hybrid_attention_fast)
+recomputed_backward(varlen_linear_attention, _varlen_linear)
+recomputed_backward(varlen_hybrid_attention, _varlen_hybrid)
 
 
 # ----------------------------------------------------------------------------- fakes and FLOP rules

@@ -50,6 +50,7 @@ from torch.fx import Node
 from graphopt.ir import normalized_args, shape_of
 from graphopt.ir.flops import example_value, size
 from graphopt.ir.oprecord import OpRecord, register_op
+from graphopt.ops.recompute import recomputed_backward
 from graphopt.ops.varlen.cpu import (  # noqa: F401  (_length_buckets: checked by the tests)
     _length_buckets,
     select_token_gathered,
@@ -196,6 +197,15 @@ register_op(
         onnx=lambda: _onnx().select_token,
     )
 )
+
+
+# Training a packed graph (recovery after token pruning or merging, attention transfer after
+# remove_padding) differentiates through the packing, attention and pooling ops.
+recomputed_backward(pack_tokens, pack_tokens_reference)
+recomputed_backward(unpack_tokens, unpack_tokens_reference)
+recomputed_backward(varlen_attention, varlen_attention_bucketed)
+recomputed_backward(sum_tokens, sum_tokens_segmented)
+recomputed_backward(select_token, select_token_gathered)
 
 
 @functools.cache
