@@ -459,16 +459,14 @@ call, so it is large for the first length of a model and small after. Latency: t
 reported**: the cosine column is shown for completeness only (how far a random network's output moves
 when its attention changes), not as a quality measure.
 
-How the attentions are called (the "graph:" part of the passes column): as transformers builds
-them for SDPA, both models' graphs pass a materialized `[B, 1, L, L]` boolean mask into every
-attention with `is_causal=False`; `llama-long`'s causality is in that mask, not in the flag. The
-converted ops read it too: `linear_attention` checks that it factors per key (or is causal times
-per-key weights, which it then runs causal), an `O(L²)` pass over a bool tensor that the eager SDPA
-also reads; `window_attention` applies it on the visible pairs. One consequence for `llama-long`:
-with `is_causal=False`, `attention_to_sparse` applies its bidirectional window (`|i - j| <= {SPARSE_WINDOW // 2}`),
-and the causal mask then removes the keys after the query, so each query sees its last
-{SPARSE_WINDOW // 2 + 1} keys (plus token 0), not the {SPARSE_WINDOW} a causal window of {SPARSE_WINDOW} would give (the
-pass's stats say "exact" on the 64-token example, where both cover everything).
+How the attentions are called (the "graph:" part of the passes column): transformers builds a
+materialized `[B, 1, L, L]` boolean mask for SDPA in both models. `llama-long` is called without an
+attention mask, so its mask is a function of the positions alone; `canonicalize` proves it causal
+(`graphopt.ir.masks`) and calls SDPA with `is_causal=True` and no mask, as eager transformers does,
+and the converted ops run causal from the flag (`attention_to_sparse`'s window is then the last
+{SPARSE_WINDOW} keys of each query). `bert-long`'s mask comes from its `attention_mask` input, so it stays a
+`[B, 1, L, L]` tensor the converted ops read: `linear_attention` checks that it factors per key, an
+`O(L²)` pass over a bool tensor that SDPA also reads; `window_attention` applies it on the visible pairs.
 
 Ratios against eager (lower is faster):
 

@@ -82,7 +82,10 @@ class PruneTokens(Pass):
                 value, or one per layer of ``layers``).
             layers: after which attentions to prune (indices in graph order; negative from the end).
                 None: after attentions ``n//4``, ``n//2`` and ``3n//4`` of ``n``.
-            iterations: Weighted PageRank iterations.
+            iterations: Weighted PageRank iterations. The scores converge geometrically: on the real
+                MiniLM's attention, 10 steps are within 2% (largest deviation over the largest score)
+                of 100, 30 within 0.1%; each step reads every head's ``n x n`` probabilities once, so
+                at 500 tokens 10 steps cost about as much as the probabilities themselves.
             head_filter: Zero-TPrune's variance-based head filter (else the heads are averaged).
             similarity: the S-stage (else the top-importance tokens are kept).
             protect_first, protect_last: leading and trailing tokens of each sequence never pruned
@@ -92,7 +95,7 @@ class PruneTokens(Pass):
 
         keep_ratio: float | tuple[float, ...] = 0.7
         layers: tuple[int, ...] | None = None
-        iterations: int = 30
+        iterations: int = 10
         head_filter: bool = True
         similarity: bool = True
         protect_first: int = 1

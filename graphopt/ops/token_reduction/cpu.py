@@ -76,9 +76,14 @@ def _head_filter(scores: Tensor, valid: Tensor, lengths: Tensor) -> Tensor:
 def _chunk_importance(q: Tensor, k: Tensor, rows: Tensor, valid: Tensor, scale: float, iterations: int, head_filter: bool) -> Tensor:
     """Importance ``[n, L]`` (zeros at pads) of ``n`` sequences gathered at ``rows`` ``[n, L]``."""
     qs, ks = (t.index_select(0, rows.flatten()).unflatten(0, rows.shape).transpose(1, 2).float() for t in (q, k))  # [n, H, L, D]
-    logits = (qs @ ks.transpose(-1, -2)) * scale
-    logits.masked_fill_(~valid[:, None, None, :], float("-inf"))
-    attention = torch.softmax(logits, dim=-1) * valid[:, None, :, None]  # pad queries attend nowhere
+    # Each pass over the [n, H, L, L] probabilities costs more than the product that makes them:
+    # the scale goes on q, the key mask only where there are pads, and pad queries need no zeroing
+    # (their score starts at 0 and stays 0, as no query attends to a pad key).
+    logits = (qs * scale) @ ks.transpose(-1, -2)
+    if not bool(valid.all()):
+        logits.masked_fill_(~valid[:, None, None, :], float("-inf"))
+    attention = torch.softmax(logits, dim=-1)
+    del logits
     lengths = valid.sum(1).float()
     scores = (valid.float() / lengths[:, None])[:, None, None, :].expand(-1, qs.shape[1], 1, -1)  # [n, H, 1, L]
     for _ in range(iterations):
