@@ -85,6 +85,11 @@ def test_every_graphopt_op_matches_its_reference_and_fake():
         "window_attention": (heads, heads.flip(2), heads * 2, 2, 1),
         "block_sparse_attention": (heads, heads.flip(2), heads * 2, torch.tensor([[True, False], [True, True]]), 4),
         "varlen_window_attention": (packed, packed.flip(0), packed * 2, cu, 2, 1),
+        # token reduction on the packed rows of `mask` (lengths 3 and 5)
+        "token_importance": (packed, packed.flip(0), mask, 0.5, 5),
+        "prune_tokens": (packed, torch.arange(8.0), packed[:, 0], torch.ones(8), mask, 0.6),
+        "merge_tokens": (packed[:, 0], packed[:, 1], torch.ones(8), mask, 1),
+        "varlen_attention_sized": (packed, packed.flip(0), packed * 2, mask, torch.arange(1.0, 9.0)),
     }
     assert sorted(f"graphopt::{name}" for name in calls) == _graphopt_ops(), "a new op needs a case here"
     for name, args in calls.items():
@@ -95,7 +100,8 @@ def test_every_graphopt_op_matches_its_reference_and_fake():
         with torch._subclasses.FakeTensorMode(shape_env=torch.fx.experimental.symbolic_shapes.ShapeEnv()) as mode:
             fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
             fake = getattr(torch.ops.graphopt, name)(*fake_args)
-        assert fake.dtype == out.dtype and fake.dim() == out.dim(), name
+        for fake_out, real_out in zip(*((fake, out) if isinstance(out, tuple) else ((fake,), (out,)))):
+            assert fake_out.dtype == real_out.dtype and fake_out.dim() == real_out.dim(), name
 
 
 def test_lookup_of_other_targets_is_none():

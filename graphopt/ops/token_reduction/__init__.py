@@ -260,14 +260,46 @@ def _varlen_attention_sized_flops(node: Node) -> int:
     return 2 * pairs * size(q[1]) * (size(q[2]) + size(v[2]))
 
 
-register_op(OpRecord(op=torch.ops.graphopt.token_importance, reference=token_importance_reference, fake=_token_importance_fake, flops=_token_importance_flops))
-register_op(OpRecord(op=torch.ops.graphopt.prune_tokens, reference=prune_tokens_reference, fake=_prune_tokens_fake, flops=_prune_tokens_flops))
-register_op(OpRecord(op=torch.ops.graphopt.merge_tokens, reference=merge_tokens_reference, fake=_merge_tokens_fake, flops=_merge_tokens_flops))
+def _onnx():
+    """:mod:`graphopt.ops.token_reduction.onnx`, imported when an ONNX export asks for it (it imports onnxscript)."""
+    from graphopt.ops.token_reduction import onnx as translations
+
+    return translations
+
+
+register_op(
+    OpRecord(
+        op=torch.ops.graphopt.token_importance,
+        reference=token_importance_reference,
+        fake=_token_importance_fake,
+        flops=_token_importance_flops,
+        onnx=lambda: _onnx().token_importance,
+    )
+)
+register_op(
+    OpRecord(
+        op=torch.ops.graphopt.prune_tokens,
+        reference=prune_tokens_reference,
+        fake=_prune_tokens_fake,
+        flops=_prune_tokens_flops,
+        onnx=lambda: _onnx().prune_tokens,
+    )
+)
+register_op(
+    OpRecord(
+        op=torch.ops.graphopt.merge_tokens,
+        reference=merge_tokens_reference,
+        fake=_merge_tokens_fake,
+        flops=_merge_tokens_flops,
+        onnx=lambda: _onnx().merge_tokens,
+    )
+)
 register_op(
     OpRecord(
         op=torch.ops.graphopt.varlen_attention_sized,
         reference=varlen_attention_sized_reference,
         fake=_varlen_attention_sized_fake,
         flops=_varlen_attention_sized_flops,
+        onnx=lambda: _onnx().varlen_attention_sized,
     )
 )
