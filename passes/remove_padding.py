@@ -75,7 +75,7 @@ from torch.fx import GraphModule, Node
 
 import graphopt.ops.varlen  # noqa: F401  (registers the graphopt:: packing and attention ops)
 from graphopt.ir import NotApplicable, aten, describe, is_op, normalized_args, op_nodes, propagate_shapes, shape_of, val_of
-from graphopt.ir.masks import Causal as _Causal, MaskAnalysis as _MaskAnalysis, Padded as _Padded, is_full_slice as _is_full_slice, position_comparison as _position_comparison
+from graphopt.ir.masks import Causal as _Causal, ancestors as _ancestors, MaskAnalysis as _MaskAnalysis, Padded as _Padded, is_full_slice as _is_full_slice, position_comparison as _position_comparison
 from graphopt.ir.match import VIEW_OPS, is_value_identity, known_true, normalize_dim, permutation, same_shape
 from graphopt.ir.oprecord import op_record
 from graphopt.pipeline.pass_base import Pass, PassContext, PassResult, register_pass
@@ -325,18 +325,6 @@ def _grow_region(gm: GraphModule, entry: Node, sdpas: list[Node], pad_masks: set
             blocker = node
     missing = [s for s in sdpas if s not in layouts]
     return _Region(entry, layouts, missing, blocker, size_reads)
-
-
-def _ancestors(nodes: list[Node]) -> set[Node]:
-    seen: set[Node] = set()
-    stack = list(nodes)
-    while stack:
-        n = stack.pop()
-        for a in n.all_input_nodes:
-            if a not in seen:
-                seen.add(a)
-                stack.append(a)
-    return seen
 
 
 # ----------------------------------------------------------------------------- readers of unpacked values

@@ -58,3 +58,13 @@ def save_tiny_bert(folder, *, tokenizer: bool = True):
     if tokenizer:
         minilm_tokenizer.save_pretrained(folder)
     return folder
+
+
+def run_onnx(path, args) -> list[torch.Tensor]:
+    """Run the ONNX file at ``path`` in onnxruntime (CPU) on the tensors ``args``, in the graph's input order."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    assert len(names) == len(args)
+    return [torch.from_numpy(out) for out in session.run(None, {name: a.numpy() for name, a in zip(names, args, strict=True)})]

@@ -14,6 +14,7 @@ from torch.export import Dim
 
 from graphopt.frontends import onnx_export
 from graphopt.testing import assert_close
+from tests_helpers import Fn, run_onnx
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -21,32 +22,16 @@ G = torch.ops.graphopt
 FP32 = {"rtol": 1e-4, "atol": 1e-5}
 
 
-class _Call(torch.nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, *args):
-        return self.fn(*args)
-
-
-def _run_onnx(path, args) -> list[torch.Tensor]:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    names = [i.name for i in session.get_inputs()]
-    assert len(names) == len(args)
-    return [torch.from_numpy(out) for out in session.run(None, {name: a.numpy() for name, a in zip(names, args, strict=True)})]
-
-
 def _export_and_compare(tmp_path, fn, args, dynamic_shapes=None, others=()):
     """Export ``fn`` (returning a tuple: several cases share one export), run it on ``args`` and each of ``others``."""
     path = tmp_path / "op.onnx"
     dims = None if dynamic_shapes is None else (tuple(dynamic_shapes),)  # forward(*args) takes one tuple
-    exporter = onnx_export.export_onnx(_Call(fn), args, path, dynamic_shapes=dims)
+    exporter = onnx_export.export_onnx(Fn(fn), args, path, dynamic_shapes=dims)
     assert exporter == "torch.export-based exporter"
     model = onnx.load(str(path))
     assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}, "the graphopt functions are inlined: standard ops only"
     for inputs in (args, *others):
-        outs, refs = _run_onnx(path, inputs), fn(*inputs)
+        outs, refs = run_onnx(path, inputs), fn(*inputs)
         assert len(outs) == len(refs)
         for case, (out, ref) in enumerate(zip(outs, refs, strict=True)):
             assert out.shape == ref.shape and out.dtype == ref.dtype, case

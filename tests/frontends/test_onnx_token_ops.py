@@ -12,6 +12,7 @@ import graphopt.ops.token_reduction  # noqa: F401  (the ops and their records)
 from graphopt.frontends import onnx_export
 from graphopt.ops.token_reduction.reference import sequence_bounds, sequence_head_filter
 from graphopt.testing import assert_close
+from tests_helpers import Fn, run_onnx
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -20,31 +21,15 @@ FP32 = {"rtol": 1e-4, "atol": 1e-5}
 H, D, DV = 4, 8, 5
 
 
-class _Call(torch.nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, *args):
-        return self.fn(*args)
-
-
-def _run_onnx(path, args) -> list[torch.Tensor]:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    names = [i.name for i in session.get_inputs()]
-    assert len(names) == len(args)
-    return [torch.from_numpy(out) for out in session.run(None, {name: a.numpy() for name, a in zip(names, args, strict=True)})]
-
-
 def _export_and_compare(tmp_path, fn, args, dynamic_shapes, others):
     """Export ``fn`` (returning a tuple), run it on ``args`` and each of ``others``, compare with ``fn``."""
     path = tmp_path / "op.onnx"
-    exporter = onnx_export.export_onnx(_Call(fn), args, path, dynamic_shapes=(tuple(dynamic_shapes),))
+    exporter = onnx_export.export_onnx(Fn(fn), args, path, dynamic_shapes=(tuple(dynamic_shapes),))
     assert exporter == "torch.export-based exporter"
     model = onnx.load(str(path))
     assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}, "the graphopt functions are inlined: standard ops only"
     for inputs in (args, *others):
-        outs, refs = _run_onnx(path, inputs), fn(*inputs)
+        outs, refs = run_onnx(path, inputs), fn(*inputs)
         assert len(outs) == len(refs)
         for case, (out, ref) in enumerate(zip(outs, refs, strict=True)):
             assert out.shape == ref.shape and out.dtype == ref.dtype, case
@@ -133,10 +118,10 @@ def _compare_reductions(tmp_path, fn, packings):
     """``fn`` returns ``(x_out, sizes_out, mask_out)`` triples: all compared at each packing, within 1e-5."""
     path = tmp_path / "op.onnx"
     dims = tuple(TOKENS[name] for name in ("x", "importance", "metric", "sizes", "mask", "x2"))
-    assert onnx_export.export_onnx(_Call(fn), packings[0], path, dynamic_shapes=(dims,)) == "torch.export-based exporter"
+    assert onnx_export.export_onnx(Fn(fn), packings[0], path, dynamic_shapes=(dims,)) == "torch.export-based exporter"
     assert {n.domain for n in onnx.load(str(path)).graph.node} <= {"", "ai.onnx"}, "the graphopt functions are inlined: standard ops only"
     for inputs in packings:
-        outs, refs = _run_onnx(path, inputs), fn(*inputs)
+        outs, refs = run_onnx(path, inputs), fn(*inputs)
         assert len(outs) == len(refs)
         for case, (out, ref) in enumerate(zip(outs, refs, strict=True)):
             assert out.shape == ref.shape and out.dtype == ref.dtype, case
