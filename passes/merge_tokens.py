@@ -91,7 +91,7 @@ class MergeTokens(Pass):
             merged = graph.call_function(torch.ops.graphopt.merge_tokens.default, (x, metric, sizes, layout.mask, cfg.r, cfg.protect_first, protect_last))
             return tuple(graph.call_function(operator.getitem, (merged, i)) for i in range(3))
 
-        layouts = reduce_tokens(gm, layers, emit, protected=cfg.protect_first, proportional=cfg.proportional)
+        layouts = reduce_tokens(gm, stream, layers, emit, protected=cfg.protect_first, proportional=cfg.proportional)
         if len(layouts) < 2:
             raise NotApplicable("no block chosen")
         stats = reduction_stats(gm, ctx, layouts)

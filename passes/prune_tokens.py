@@ -149,7 +149,7 @@ class PruneTokens(Pass):
             )
             return tuple(graph.call_function(operator.getitem, (pruned, i)) for i in range(3))
 
-        layouts = reduce_tokens(gm, layers, emit, protected=cfg.protect_first, proportional=False)
+        layouts = reduce_tokens(gm, stream, layers, emit, protected=cfg.protect_first, proportional=False)
         if len(layouts) < 2:
             raise NotApplicable("no layer chosen")
         stats = reduction_stats(gm, ctx, layouts)

@@ -100,8 +100,8 @@ def _rank(node: Any) -> int | None:
 # ----------------------------------------------------------------------------- the padding mask
 
 
-def _check_attention(sdpa: Node, masks: _MaskAnalysis) -> Node:
-    """The padding-mask input ``sdpa``'s ``attn_mask`` is derived from; raises :class:`NotApplicable`."""
+def _check_form(sdpa: Node) -> dict:
+    """``sdpa``'s arguments when it can run packed: bidirectional, dropout-free, not grouped, 4-D; raises :class:`NotApplicable`."""
     args = normalized_args(sdpa)
     if args["is_causal"]:
         raise NotApplicable(f"{sdpa.name} is causal attention (a decoder): every token needs the ones before it, pads included in the layout")
@@ -111,6 +111,12 @@ def _check_attention(sdpa: Node, masks: _MaskAnalysis) -> Node:
         raise NotApplicable(f"{sdpa.name} uses grouped-query attention")
     if any(_rank(args[k]) != 4 for k in ("query", "key", "value")):
         raise NotApplicable(f"{sdpa.name} does not take [batch, heads, seq, dim] operands")
+    return args
+
+
+def _check_attention(sdpa: Node, masks: _MaskAnalysis) -> Node:
+    """The padding-mask input ``sdpa``'s ``attn_mask`` is derived from; raises :class:`NotApplicable`."""
+    args = _check_form(sdpa)
     mask = args["attn_mask"]
     if mask is None:
         raise NotApplicable(f"{sdpa.name} has no attention mask: every token attends to the pads, which then cannot be removed")
@@ -440,7 +446,7 @@ def _plan(gm: GraphModule, unmasked: bool = False) -> _Plan:
     masks = _MaskAnalysis()
     if unmasked and all(normalized_args(s)["attn_mask"] is None for s in sdpas):
         for s in sdpas:
-            _check_unmasked(s)
+            _check_form(s)  # a mask-free attention packs with every token valid
         mask, pad_masks = None, {None}
     else:
         sources = {_check_attention(s, masks) for s in sdpas}
@@ -459,19 +465,6 @@ def _plan(gm: GraphModule, unmasked: bool = False) -> _Plan:
         plan.outputs_at_pads = _follow_unpacked(gm, exits, mask, masks)
     plan.poolings = [p for x, layout in exits.items() for u in x.users if u not in inside for p in _poolings(u, x, layout, mask, masks)]
     return plan
-
-
-def _check_unmasked(sdpa: Node) -> None:
-    """A mask-free attention packs (every token valid) when it is bidirectional, dropout-free, not grouped and 4-D."""
-    args = normalized_args(sdpa)
-    if args["is_causal"]:
-        raise NotApplicable(f"{sdpa.name} is causal attention (a decoder)")
-    if args["dropout_p"] != 0:
-        raise NotApplicable(f"{sdpa.name} applies attention dropout")
-    if args["enable_gqa"]:
-        raise NotApplicable(f"{sdpa.name} uses grouped-query attention")
-    if any(_rank(args[k]) != 4 for k in ("query", "key", "value")):
-        raise NotApplicable(f"{sdpa.name} does not take [batch, heads, seq, dim] operands")
 
 
 def packing_plan(gm: GraphModule, *, unmasked: bool = False) -> _Plan:

@@ -68,3 +68,26 @@ def run_onnx(path, args) -> list[torch.Tensor]:
     names = [i.name for i in session.get_inputs()]
     assert len(names) == len(args)
     return [torch.from_numpy(out) for out in session.run(None, {name: a.numpy() for name, a in zip(names, args, strict=True)})]
+
+
+def export_and_compare(tmp_path, fn, args, dynamic_shapes=None, others=(), tolerance=None):
+    """Export ``fn`` (returning a tuple: several cases share one export) with graphopt's ONNX exporter,
+    check that only standard ONNX ops are left, run it in onnxruntime on ``args`` and each of
+    ``others`` and compare every output with ``fn``'s (``tolerance``: :func:`graphopt.testing.assert_close` options)."""
+    import onnx
+
+    from graphopt.frontends import onnx_export
+    from graphopt.testing import assert_close
+
+    path = tmp_path / "op.onnx"
+    dims = None if dynamic_shapes is None else (tuple(dynamic_shapes),)  # forward(*args) takes one tuple
+    exporter = onnx_export.export_onnx(Fn(fn), args, path, dynamic_shapes=dims)
+    assert exporter == "torch.export-based exporter"
+    model = onnx.load(str(path))
+    assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}, "the graphopt functions are inlined: standard ops only"
+    for inputs in (args, *others):
+        outs, refs = run_onnx(path, inputs), fn(*inputs)
+        assert len(outs) == len(refs)
+        for case, (out, ref) in enumerate(zip(outs, refs, strict=True)):
+            assert out.shape == ref.shape and out.dtype == ref.dtype, case
+            assert_close(out, ref, **(tolerance or {}), msg=f"output {case}")

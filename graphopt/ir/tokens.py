@@ -336,6 +336,7 @@ def default_protect_last(stream: TokenStream) -> int:
 
 def reduce_tokens(
     gm: GraphModule,
+    stream: TokenStream,
     layers: list[int],
     emit: Callable[[Any, Node, Layout, Node], tuple[Node, Node, Node]],
     *,
@@ -345,8 +346,8 @@ def reduce_tokens(
     """Reduce the packed tokens after each attention in ``layers`` (indices into the packed
     attentions, in graph order), each at its :func:`residual_fork`, then weight the final poolings
     by the sizes. ``emit(graph, x, layout, attention)`` emits one reduction (see :func:`shrink`).
-    Returns the layout before the first cut and after each."""
-    stream = token_stream(gm)
+    ``stream`` is :func:`token_stream` of ``gm`` before any cut. Returns the layout before the
+    first cut and after each."""
     layout, layouts = stream.layout, [stream.layout]
     for layer in sorted(set(layers)):
         attention = stream.attentions[layer]

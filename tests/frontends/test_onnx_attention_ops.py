@@ -7,14 +7,12 @@ for the packed ops, an empty sequence and a second packing (other ``T``, other s
 through the same file.
 """
 
-import onnx
 import pytest
 import torch
 from torch.export import Dim
 
-from graphopt.frontends import onnx_export
 from graphopt.testing import assert_close
-from tests_helpers import Fn, run_onnx
+from tests_helpers import export_and_compare
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -23,19 +21,7 @@ FP32 = {"rtol": 1e-4, "atol": 1e-5}
 
 
 def _export_and_compare(tmp_path, fn, args, dynamic_shapes=None, others=()):
-    """Export ``fn`` (returning a tuple: several cases share one export), run it on ``args`` and each of ``others``."""
-    path = tmp_path / "op.onnx"
-    dims = None if dynamic_shapes is None else (tuple(dynamic_shapes),)  # forward(*args) takes one tuple
-    exporter = onnx_export.export_onnx(Fn(fn), args, path, dynamic_shapes=dims)
-    assert exporter == "torch.export-based exporter"
-    model = onnx.load(str(path))
-    assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}, "the graphopt functions are inlined: standard ops only"
-    for inputs in (args, *others):
-        outs, refs = run_onnx(path, inputs), fn(*inputs)
-        assert len(outs) == len(refs)
-        for case, (out, ref) in enumerate(zip(outs, refs, strict=True)):
-            assert out.shape == ref.shape and out.dtype == ref.dtype, case
-            assert_close(out, ref, **FP32, msg=f"output {case}")
+    return export_and_compare(tmp_path, fn, args, dynamic_shapes, others, tolerance=FP32)
 
 
 _g = torch.Generator().manual_seed(0)

@@ -3,16 +3,13 @@ exporter, run by onnxruntime and compared with the op itself (fp32) at two packi
 (other ``T``, other sequence count, pads inside the rows, a sequence of one token and an empty one).
 """
 
-import onnx
 import pytest
 import torch
 from torch.export import Dim
 
 import graphopt.ops.token_reduction  # noqa: F401  (the ops and their records)
-from graphopt.frontends import onnx_export
 from graphopt.ops.token_reduction.reference import sequence_bounds, sequence_head_filter
-from graphopt.testing import assert_close
-from tests_helpers import Fn, run_onnx
+from tests_helpers import export_and_compare
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -21,19 +18,8 @@ FP32 = {"rtol": 1e-4, "atol": 1e-5}
 H, D, DV = 4, 8, 5
 
 
-def _export_and_compare(tmp_path, fn, args, dynamic_shapes, others):
-    """Export ``fn`` (returning a tuple), run it on ``args`` and each of ``others``, compare with ``fn``."""
-    path = tmp_path / "op.onnx"
-    exporter = onnx_export.export_onnx(Fn(fn), args, path, dynamic_shapes=(tuple(dynamic_shapes),))
-    assert exporter == "torch.export-based exporter"
-    model = onnx.load(str(path))
-    assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}, "the graphopt functions are inlined: standard ops only"
-    for inputs in (args, *others):
-        outs, refs = run_onnx(path, inputs), fn(*inputs)
-        assert len(outs) == len(refs)
-        for case, (out, ref) in enumerate(zip(outs, refs, strict=True)):
-            assert out.shape == ref.shape and out.dtype == ref.dtype, case
-            assert_close(out, ref, **FP32, msg=f"output {case}")
+def _export_and_compare(tmp_path, fn, args, dynamic_shapes=None, others=()):
+    return export_and_compare(tmp_path, fn, args, dynamic_shapes, others, tolerance=FP32)
 
 
 def _mask(lengths: list[int], width: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
@@ -116,16 +102,8 @@ def _tokens(lengths: list[int], width: int, seed: int, dtype: torch.dtype, level
 
 def _compare_reductions(tmp_path, fn, packings):
     """``fn`` returns ``(x_out, sizes_out, mask_out)`` triples: all compared at each packing, within 1e-5."""
-    path = tmp_path / "op.onnx"
     dims = tuple(TOKENS[name] for name in ("x", "importance", "metric", "sizes", "mask", "x2"))
-    assert onnx_export.export_onnx(Fn(fn), packings[0], path, dynamic_shapes=(dims,)) == "torch.export-based exporter"
-    assert {n.domain for n in onnx.load(str(path)).graph.node} <= {"", "ai.onnx"}, "the graphopt functions are inlined: standard ops only"
-    for inputs in packings:
-        outs, refs = run_onnx(path, inputs), fn(*inputs)
-        assert len(outs) == len(refs)
-        for case, (out, ref) in enumerate(zip(outs, refs, strict=True)):
-            assert out.shape == ref.shape and out.dtype == ref.dtype, case
-            assert_close(out, ref, **REDUCTION, msg=f"output {case}")
+    export_and_compare(tmp_path, fn, packings[0], dims, packings[1:], tolerance=REDUCTION)
 
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
