@@ -63,6 +63,34 @@ def train_sentences(limit: int) -> list[str]:
     return out[:limit]
 
 
+# Recovery data for long passages: docstrings of other modules, whole, so that a training input is
+# as long as an evaluation passage.
+PASSAGE_TRAIN_MODULES = TRAIN_MODULES + (
+    "asyncio", "inspect", "typing", "threading", "socket", "sqlite3", "configparser", "dataclasses", "enum", "contextlib",
+    "io", "os", "re", "random", "http.client", "urllib.request", "xml.etree.ElementTree", "ast", "dis", "codecs",
+    "locale", "gettext", "optparse", "pdb", "doctest", "trace", "timeit", "cmd", "queue", "sched", "selectors", "signal",
+)  # fmt: skip
+
+
+def train_passages(limit: int, words: int = 250) -> list[str]:
+    """Passages of ``words`` words (the last of a text at least 150) cut from the docstrings of
+    ``PASSAGE_TRAIN_MODULES``: each module's docstring, then its classes' and functions' in name
+    order, joined. Never a module of ``PASSAGE_MODULES``, the long-passage evaluation text."""
+    out = []
+    for name in PASSAGE_TRAIN_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        parts = [inspect.getdoc(module) or ""]
+        for _, obj in sorted(vars(module).items()):
+            if (inspect.isclass(obj) or inspect.isfunction(obj)) and getattr(obj, "__module__", None) == name:
+                parts.append(inspect.getdoc(obj) or "")
+        text = " ".join(" ".join(parts).split()).split()
+        out += [" ".join(text[i : i + words]) for i in range(0, len(text), words) if len(text[i : i + words]) >= 150]
+    return out[:limit]
+
+
 def long_passages(tokenizer, limit: int) -> list[str]:
     passages = []
     for name in PASSAGE_MODULES:

@@ -14,8 +14,9 @@ Models and data (nothing is downloaded):
 * ``minilm``: the real all-MiniLM-L6-v2 on real text: the zoo's 128 sentences (docstrings of
   standard-library callables) in batches of 32 padded to their longest, and long passages (whole
   module docstrings, 200-512 tokens) in batches of 4. Mean and min cosine of the embeddings against
-  the original, nearest-neighbour agreement over the sentences. Recovery trains on sentences from
-  other modules' docstrings.
+  the original, nearest-neighbour agreement over the sentences. Recovery trains on text of the
+  same kind from other modules: sentences of their docstrings for the sentences, 250-word passages
+  of their module, class and function docstrings (``train_passages``, 186 of them) for the passages.
 
 Per configuration: GFLOPs (``graphopt.ir.flops.count_flops`` on the timing batch, the data-dependent
 token counts as they fell), latency (median over rounds of running the timing batch; configurations
@@ -51,7 +52,7 @@ from graphopt.tools import zoo  # noqa: E402
 from graphopt.tools.token_recovery import recover  # noqa: E402
 from harness import environment  # noqa: E402
 
-from attention_fidelity import batches_of, long_passages, train_sentences  # noqa: E402
+from attention_fidelity import batches_of, long_passages, train_passages, train_sentences  # noqa: E402
 
 
 @dataclass
@@ -262,19 +263,29 @@ def minilm_sections(args, log) -> list[Result]:
     model, tokenizer = entry.model, entry.tokenizer
     sentences = batches_of(tokenizer, zoo.real_sentences(32 if args.quick else 128), 32)
     passages = batches_of(tokenizer, long_passages(tokenizer, 4 if args.quick else 12), 4, 512)
-    train = batches_of(tokenizer, train_sentences(32 if args.quick else 256), 16)
+    # recovery trains on text like the evaluation's: sentences for sentences, whole passages for passages
+    train = {
+        "minilm sentences": batches_of(tokenizer, train_sentences(32 if args.quick else 256), 16),
+        "minilm passages": batches_of(tokenizer, train_passages(8 if args.quick else 10_000), 4, 512),
+    }
     results = []
     for section, data, neighbours in (("minilm sentences", sentences, True), ("minilm passages", passages, False)):
         reference = embeddings(model, data)
 
-        def recovery(opt):
-            recover(opt.graph_module, model, train, 5 if args.quick else args.recovery_steps, lr=args.text_lr)
+        def recovery(opt, section=section):
+            steps = 5 if args.quick else args.recovery_steps if section == "minilm sentences" else args.passage_recovery_steps
+            recover(opt.graph_module, model, train[section], steps, lr=args.text_lr)
 
         reductions = [PruneTokens(keep_ratio=r, min_cosine=0.0) for r in ((0.8,) if args.quick else (0.95, 0.9, 0.8, 0.7, 0.5))]
-        reductions += [PruneTokens(keep_ratio=r, layers=(3,), min_cosine=0.0) for r in ((0.7,) if args.quick else (0.9, 0.7, 0.5))]
+        one_cut = (3,) if section == "minilm sentences" else (2, 3)  # on passages the best single cuts at cosine 0.98
+        reductions += [PruneTokens(keep_ratio=r, layers=(layer,), min_cosine=0.0) for layer in one_cut for r in ((0.7,) if args.quick else (0.9, 0.7, 0.5))]
         merges = (1, 2, 4, 8) if section == "minilm sentences" else (2, 8, 16, 32, 48)
         reductions += [MergeTokens(r=r, min_cosine=0.0) for r in ((2,) if args.quick else merges)]
-        recovered = ["prune keep=0.7 default layers", "merge r=4" if section == "minilm sentences" else "merge r=32"] if not args.quick else []
+        if section == "minilm sentences":
+            recovered = ["prune keep=0.7 default layers", "merge r=4"]
+        else:
+            recovered = ["prune keep=0.5 layers [2]", "merge r=32"]
+        recovered = [] if args.quick else recovered
         results += frontier(
             section,
             model,
@@ -387,6 +398,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--recovery-steps", type=int, default=300)
+    parser.add_argument("--passage-recovery-steps", type=int, default=150, help="recovery steps on passages (4 x up to 512 tokens)")
     parser.add_argument("--lr", type=float, default=1e-4, help="recovery learning rate, ViT")
     parser.add_argument("--text-lr", type=float, default=2e-5, help="recovery learning rate, MiniLM")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))

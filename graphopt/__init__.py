@@ -22,10 +22,11 @@ from graphopt.pipeline.pass_base import (
     default_pass_names,
     get_pass,
     make_pass,
+    pass_spec,
     register_pass,
 )
 from graphopt.pipeline.report import BudgetWarning, PassRecord, Report
-from graphopt.pipeline.verify import Exact, MinCosine
+from graphopt.pipeline.verify import Exact, MinAgreement, MinCosine
 from graphopt import ops  # noqa: F401,E402  (registers the graphopt:: custom ops)
 from graphopt import passes  # noqa: F401,E402  (registers the built-in passes)
 from graphopt import backends  # noqa: F401,E402  (registers the built-in backends)
@@ -40,6 +41,7 @@ __all__ = [
     "BudgetWarning",
     "CaptureError",
     "Exact",
+    "MinAgreement",
     "MinCosine",
     "NotApplicable",
     "OptimizedModule",
@@ -62,6 +64,7 @@ __all__ = [
     "load",
     "load_program",
     "make_pass",
+    "pass_spec",
     "optimize",
     "register_pass",
     "save",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import zipfile
 from typing import Any, Callable, Iterable, Sequence
 
@@ -11,11 +12,22 @@ import torch
 from torch.fx import GraphModule
 
 from graphopt.backends import CompiledGraph, as_compiled, get_backend
-from graphopt.frontends.capture import CaptureError, CapturedInput, auto_dynamic_shapes, capture, captured_inputs, flat_inputs, graph_dynamic_shapes, normalize_args, one_line
+from graphopt.frontends.capture import (
+    CaptureError,
+    CapturedInput,
+    auto_dynamic_shapes,
+    capture,
+    captured_inputs,
+    flat_inputs,
+    graph_dynamic_shapes,
+    normalize_args,
+    one_line,
+)
 from graphopt.frontends.check import check_backend
 from graphopt.pipeline.manager import PassManager
 from graphopt.pipeline.pass_base import Pass
 from graphopt.pipeline.report import Report
+from graphopt.pipeline.verify import Budget, MinCosine
 
 __all__ = ["ArchiveError", "InputShapeError", "OptimizedModule", "optimize", "save", "load", "load_program"]
 
@@ -75,6 +87,7 @@ class OptimizedModule(torch.nn.Module):
         # A runner that is a module (a GraphModule, a compiled module) is a submodule, as it always
         # was: ``.to()``, ``.eval()`` and ``state_dict()`` reach the tensors the backend runs.
         self._runner = self.compiled.runner
+        self.tuning = None  # what passes="auto" chose and measured (graphopt.tools.autotune.TuneResult)
 
     @property
     def kernels(self) -> dict[str, str]:
@@ -128,13 +141,19 @@ def optimize(
     observers: Sequence[Callable] = (),
     name: str = "",
     calibration: Sequence[Any] = (),
+    budget: Budget | None = None,
+    time_limit: float = 600.0,
 ) -> OptimizedModule:
     """Optimize ``model`` with ``passes``; the original model is left exactly as it was.
 
     Args:
         model: the ``nn.Module`` to optimize.
-        passes: pass names (see ``graphopt passes``), ``Pass`` classes or instances, mixed freely;
-            a single name (``passes="fold_batchnorm"``), class or instance is one pass.
+        passes: pass names (see ``graphopt passes``), ``Pass`` classes or instances, or
+            ``{"pass": name, "options": {...}}`` dicts, mixed freely; a single name
+            (``passes="fold_batchnorm"``), class or instance is one pass. ``"auto"``: search the
+            approximate passes' per-layer settings for the fastest pipeline within ``budget``
+            (:func:`graphopt.tools.autotune.tune`, on ``calibration``; the result is the module's
+            ``tuning``). A path to a ``.json`` file: the pipeline a search saved.
         example_inputs: positional inputs (a tuple, or one tensor) used to capture and to verify.
         example_kwargs: keyword inputs, if the model takes any.
         dynamic_shapes: ``torch.export`` dynamic-shapes spec; ``"auto"`` (default): batch and
@@ -154,9 +173,32 @@ def optimize(
         calibration: more inputs for the passes that calibrate on data (``quantize_int8``'s
             outliers and fallback, ``smooth_quant``), each a tuple of positional inputs (or one
             tensor) or an ``(args, kwargs)`` pair; the example inputs are always among them.
+            With ``passes="auto"`` the inputs the search measures fidelity on (every third batch
+            held out to check the choice).
+        budget: ``passes="auto"`` only: the fidelity the choice keeps, ``MinCosine(0.995)`` when None,
+            or ``MinAgreement(...)`` on the top-1 class.
+        time_limit: ``passes="auto"`` only: the search's limit in seconds.
     """
     if example_inputs is None and not example_kwargs:
         raise ValueError("optimize needs example_inputs (and/or example_kwargs) to capture and verify the model")
+    if isinstance(passes, str) and passes == "auto":
+        from graphopt.tools.autotune import tune
+
+        budget = budget if budget is not None else MinCosine(0.995)
+        tuning = tune(model, example_inputs, budget=budget, calibration=calibration, example_kwargs=example_kwargs, time_limit=time_limit, log=log)
+        optimized = optimize(
+            model, tuning.passes, example_inputs, example_kwargs=example_kwargs, dynamic_shapes=dynamic_shapes, backend=backend,
+            backend_options=backend_options, verify=verify, strict=strict, log=log, observers=observers, name=name, calibration=calibration,
+        )  # fmt: skip
+        optimized.tuning = tuning
+        optimized.report.final["auto"] = tuning.summary().splitlines()[0]
+        return optimized
+    if budget is not None:
+        raise ValueError("budget is the search's (passes='auto'); a pass's own budget is its option, e.g. QuantizeInt8(min_cosine=0.99)")
+    if isinstance(passes, (str, os.PathLike)) and str(passes).endswith(".json"):
+        from graphopt.tools.autotune import load_config
+
+        passes = load_config(passes)
     args, kwargs = normalize_args(example_inputs), dict(example_kwargs or {})
     manager = PassManager(passes, verify=verify, strict=strict, log=log, observers=observers)
     compile_graph = get_backend(backend)  # unknown backends fail before the slow part
@@ -327,4 +369,3 @@ def _pytree_modules(spec) -> list[str]:
             found.append(module)
         stack.extend(node.children())
     return sorted(set(found))
-

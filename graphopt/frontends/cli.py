@@ -7,7 +7,11 @@ Commands::
     graphopt dump MODEL --out DIR [--passes a,b]    what every pass did: text, diffs, DOT, ONNX
     graphopt optimize MODEL [--passes a,b] [--save FILE.pt2]
     graphopt export MODEL [--passes a,b] --onnx FILE.onnx
+    graphopt tune MODEL [--budget cos=0.995] [--time-limit 10m] [--out FILE.json]
+                                                    the fastest approximate passes within a budget
     graphopt demo [--passes a,b] [--batch 8]        the real MiniLM: report, fidelity, latency
+
+``--passes`` also takes the ``.json`` file ``tune`` wrote: the pipeline it chose, reproduced.
 
 MODEL is one of:
 
@@ -64,7 +68,8 @@ from graphopt.frontends.dump import dump
 from graphopt.frontends.onnx_export import OnnxExportError, export_onnx
 from graphopt.pipeline import pass_base
 from graphopt.pipeline.manager import run_graph
-from graphopt.pipeline.verify import Exact, compare, row_cosines
+from graphopt.pipeline.verify import Budget, Exact, MinAgreement, MinCosine, compare, row_cosines
+from graphopt.tools.autotune import load_config, tune
 
 PROG = "graphopt"
 
@@ -118,6 +123,7 @@ class Workload:
     example_inputs: tuple
     dynamic_shapes: Any = None
     example_kwargs: dict | None = None
+    tokenizer: Any = None  # text models (zoo, hf:PATH): `graphopt tune` tokenizes its calibration sentences with it
 
 
 def load_model(spec: str, log: Callable[[str], None], texts: list[str] | None = None) -> Workload:
@@ -132,11 +138,11 @@ def load_model(spec: str, log: Callable[[str], None], texts: list[str] | None = 
         entry = zoo.load_hf(spec[len("hf:") :], texts=texts or None)
         batch, length = entry.example_inputs[0].shape
         log(f"loaded {spec}: {entry.description}; example batch: {batch} sentence{'' if batch == 1 else 's'}, padded to {length} tokens")
-        return Workload(spec, entry.model, tuple(entry.example_inputs), entry.dynamic_shapes)
+        return Workload(spec, entry.model, tuple(entry.example_inputs), entry.dynamic_shapes, tokenizer=entry.tokenizer)
     if spec.startswith("zoo:"):
         entry = zoo.load(spec[len("zoo:") :])
         log(f"loaded {spec}: {entry.description}")
-        return Workload(spec, entry.model, tuple(entry.example_inputs), entry.dynamic_shapes)
+        return Workload(spec, entry.model, tuple(entry.example_inputs), entry.dynamic_shapes, tokenizer=entry.tokenizer)
     if spec.endswith(".pt2"):
         return _load_archive(spec, log)
     path_text, sep, factory_name = spec.rpartition(":")
@@ -235,7 +241,15 @@ def parse_options(options: list[str]) -> dict[str, dict[str, Any]]:
 
 
 def build_pipeline(passes: str | None, options: list[str]) -> list:
-    """Pass instances for ``--passes`` and ``--option``; fails before any model is loaded."""
+    """Pass instances for ``--passes`` (names, or a ``.json`` file ``graphopt tune`` wrote) and
+    ``--option``; fails before any model is loaded."""
+    if passes is not None and passes.endswith(".json"):
+        if options:
+            raise UsageError("--option cannot change a saved pipeline (--passes FILE.json); edit the file")
+        try:
+            return [graphopt.make_pass(spec) for spec in load_config(passes)]
+        except (ValueError, TypeError) as e:
+            raise UsageError(str(e).strip().splitlines()[0]) from e
     names = default_pass_names() if passes is None else [n.strip() for n in passes.split(",") if n.strip()]
     by_pass = parse_options(options)
     stray = sorted(set(by_pass) - set(names))
@@ -439,6 +453,49 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def parse_budget(text: str) -> Budget:
+    """``cos=0.995`` -> ``MinCosine(0.995)``, ``top1=0.99`` -> ``MinAgreement(0.99)``."""
+    match = re.fullmatch(r"(cos|top1)=([0-9.]+)", text.strip())
+    value = float(match.group(2)) if match and match.group(2).count(".") <= 1 and match.group(2) != "." else None
+    if match is None or value is None or not 0.0 < value <= 1.0:
+        raise UsageError(f"--budget must look like cos=0.995 or top1=0.99 (a value in (0, 1]), got {text!r}")
+    return MinCosine(value) if match.group(1) == "cos" else MinAgreement(value)
+
+
+def parse_duration(text: str) -> float:
+    """``10m``, ``90s``, ``1h`` or plain seconds -> seconds."""
+    match = re.fullmatch(r"([0-9]+(?:\.[0-9]*)?)\s*([smh]?)", text.strip())
+    if match is None or float(match.group(1)) <= 0:
+        raise UsageError(f"--time-limit must look like 10m, 90s or 600, got {text!r}")
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
+
+
+def cmd_tune(args) -> int:
+    budget = parse_budget(args.budget)
+    limit = parse_duration(args.time_limit)
+    out = Path(args.out)
+    for path, flag in ((out, "--out"), (Path(args.plot) if args.plot else None, "--plot")):
+        if path is not None and not path.parent.is_dir():
+            raise UsageError(f"{flag} {path}: directory {path.parent} does not exist")
+    workload = load_model(args.model, args.log, args.text)
+    calibration: list = [workload.example_inputs]
+    if workload.tokenizer is not None:
+        sentences = zoo.real_sentences(args.sentences)
+        calibration = [tuple(zoo.tokenize(workload.tokenizer, sentences[i : i + args.batch])) for i in range(0, len(sentences), args.batch)]
+        args.log(f"calibration: {len(sentences)} real sentences in {len(calibration)} batches of up to {args.batch} (every third batch held out)")
+    result = tune(
+        workload.model, workload.example_inputs, budget=budget, calibration=calibration, example_kwargs=workload.example_kwargs, time_limit=limit, log=args.log
+    )
+    print(result.table())
+    print(result.summary())
+    result.save(out)
+    print(f"wrote {out}: graphopt optimize {args.model} --passes {out}  (or graphopt.optimize(model, passes={str(out)!r}, ...))")
+    if args.plot:
+        result.plot(args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -504,7 +561,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX exports of the graphs before and after")
     p.set_defaults(run=cmd_dump)
 
-    p = commands.add_parser("optimize", parents=[common, pipeline, model_args], epilog=_EPILOG, formatter_class=formatter, help="optimize a model and print the report")
+    p = commands.add_parser(
+        "optimize", parents=[common, pipeline, model_args], epilog=_EPILOG, formatter_class=formatter, help="optimize a model and print the report"
+    )
     p.add_argument("--save", metavar="FILE.pt2", help="write a torch.export archive of the result and check it loads")
     p.set_defaults(run=cmd_optimize)
 
@@ -519,6 +578,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--onnx", required=True, metavar="FILE.onnx", help="the ONNX file to write")
     p.set_defaults(run=cmd_export)
+
+    p = commands.add_parser(
+        "tune",
+        parents=[common, model_args],
+        formatter_class=formatter,
+        help="search the approximate passes' per-layer settings for the fastest pipeline within a fidelity budget",
+        description="Measures each approximate setting (int8 per linear, a token-pruning keep ratio per attention) "
+        "on calibration inputs and on this machine, builds the fastest pipeline within --budget, checks it on held-out "
+        "inputs and writes it to --out, a file that `graphopt optimize MODEL --passes FILE.json` and "
+        "graphopt.optimize(passes=FILE) reproduce without searching. Text models calibrate on real sentences; other "
+        "models on their example inputs alone.",
+    )
+    p.add_argument("--budget", default="cos=0.995", help="cos=X: mean cosine of the outputs >= X; top1=X: top-1 agreement >= X (default: cos=0.995)")
+    p.add_argument("--time-limit", default="10m", help="the search's limit: 10m, 90s, 600 (default: 10m)")
+    p.add_argument("--out", default="graphopt_passes.json", metavar="FILE.json", help="where the chosen pipeline goes (default: graphopt_passes.json)")
+    p.add_argument("--plot", metavar="FILE.png", help="also plot the measured frontier (needs matplotlib)")
+    p.add_argument("--sentences", type=_positive_int, default=96, help="text models: real sentences to calibrate on (default: 96)")
+    p.add_argument("--batch", type=_positive_int, default=32, help="text models: sentences per batch, padded to the longest (default: 32)")
+    p.set_defaults(run=cmd_tune)
 
     p = commands.add_parser(
         "demo",

@@ -61,6 +61,7 @@ __all__ = [
     "default_pass_names",
     "get_pass",
     "make_pass",
+    "pass_spec",
     "register_pass",
     "summarize_reasons",
 ]
@@ -338,8 +339,8 @@ def get_pass(name: str) -> type[Pass]:
     return _REGISTRY[name]
 
 
-def make_pass(spec: str | Pass | type[Pass], **options: Any) -> Pass:
-    """A pass instance from a name, a class, or an instance (returned as is).
+def make_pass(spec: str | dict | Pass | type[Pass], **options: Any) -> Pass:
+    """A pass instance from a name, a class, a :func:`pass_spec` dict, or an instance (returned as is).
 
     The pass manager further refuses a pass without a name, or approximate without a budget."""
     if isinstance(spec, Pass):
@@ -348,4 +349,26 @@ def make_pass(spec: str | Pass | type[Pass], **options: Any) -> Pass:
         return spec(**options)
     if isinstance(spec, str):
         return get_pass(spec)(**options)
-    raise TypeError(f"a pass is a name, a Pass subclass or a Pass instance, not {type(spec).__name__}")
+    if isinstance(spec, dict):
+        if not isinstance(spec.get("pass"), str) or set(spec) - {"pass", "options"}:
+            raise TypeError(f'a pass spec is {{"pass": name, "options": {{...}}}}, not {spec!r}')
+        return get_pass(spec["pass"])(**{k: _tuples(v) for k, v in (spec.get("options") or {}).items()}, **options)
+    raise TypeError(f"a pass is a name, a spec dict, a Pass subclass or a Pass instance, not {type(spec).__name__}")
+
+
+def pass_spec(p: Pass) -> dict[str, Any]:
+    """A pass as plain data, ``{"pass": name, "options": {...}}`` (the options that differ from the
+    defaults; tuples as lists), which :func:`make_pass` turns back into an equal pass: what a saved
+    pipeline (``passes="auto"``'s choice) is made of."""
+    defaults = type(p).Config()
+    options = {f.name: getattr(p.config, f.name) for f in dataclasses.fields(p.config) if getattr(p.config, f.name) != getattr(defaults, f.name)}
+    return {"pass": p.name, "options": {k: _lists(v) for k, v in options.items()}} if options else {"pass": p.name}
+
+
+def _lists(value: Any) -> Any:
+    return [_lists(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def _tuples(value: Any) -> Any:
+    # JSON has no tuples; pass options hold sequences as tuples (frozen, hashable configs)
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value

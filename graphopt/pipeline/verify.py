@@ -23,6 +23,7 @@ __all__ = [
     "Budget",
     "Check",
     "Exact",
+    "MinAgreement",
     "MinCosine",
     "Masks",
     "compare",
@@ -139,6 +140,27 @@ class MinCosine(Budget):
 
     def describe(self):
         return f"approximate (cosine >= {self.threshold:g})"
+
+
+@dataclass(frozen=True)
+class MinAgreement(Budget):
+    """Approximate: the share of rows (the last dimension's) whose argmax, the top-1 class, is the
+    reference's, at least ``threshold``."""
+
+    threshold: float = 0.99
+    metric = "top-1 agreement"
+
+    def measure(self, out, ref):
+        return out.argmax(-1).eq(ref.argmax(-1)).float().mean().item()
+
+    def within(self, value):
+        return value >= self.threshold
+
+    def worst(self, values):
+        return min(values)
+
+    def describe(self):
+        return f"approximate (top-1 agreement >= {self.threshold:g})"
 
 
 def resolve_masks(masks: Masks, reference: Any) -> list[torch.Tensor | None] | None:

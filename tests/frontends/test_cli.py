@@ -25,6 +25,7 @@ import graphopt
 from graphopt.tools import zoo
 from graphopt.frontends.dump import CREATED_COLOR, ERASED_COLOR
 from graphopt.testing import assert_close
+from graphopt.tools.autotune import load_config
 from tests_helpers import save_tiny_bert
 
 pytestmark = pytest.mark.filterwarnings("ignore:'setParseAction' deprecated")  # pydot's parser, reading DOT back
@@ -322,7 +323,11 @@ ERRORS = [  # (arguments, exit status, what the one line says); {f} is the facto
         "MODEL must be zoo:NAME or path/to/file.py:factory, got '{f}/bad_config' (or hf:PATH, FILE.pt2); for the Hugging Face model in that folder, give hf:{f}/bad_config",
     ),
     (["optimize", "zoo:convnet-bn", "--text", "hello", "-q"], 2, "--text builds the example inputs of an hf:PATH model; 'zoo:convnet-bn' brings its own"),
-    (["export", "zoo:convnet-bn", "--text", "hello", "--onnx", "{f}/x.onnx", "-q"], 2, "--text builds the example inputs of an hf:PATH model; 'zoo:convnet-bn' brings its own"),
+    (
+        ["export", "zoo:convnet-bn", "--text", "hello", "--onnx", "{f}/x.onnx", "-q"],
+        2,
+        "--text builds the example inputs of an hf:PATH model; 'zoo:convnet-bn' brings its own",
+    ),
     (["optimize", "{f}/missing.pt2", "-q"], 2, "no such file: {f}/missing.pt2"),
     (["dump", "{f}/corrupt.pt2", "--out", "{f}/corrupt_dump", "-q"], 1, "cannot load {f}/corrupt.pt2: not a torch.export archive (BadZipFile: "),
     (
@@ -331,6 +336,11 @@ ERRORS = [  # (arguments, exit status, what the one line says); {f} is the facto
         "cannot load {f}/checkpoint.pt2: not a torch.export archive (a zip file without the archive_format entry torch.export.save writes)",
     ),
     (["optimize", "{f}/no_examples.pt2", "-q"], 1, "{f}/no_examples.pt2 stores no example inputs to capture and verify it with"),
+    (["tune", "zoo:convnet-bn", "--budget", "cosine=0.99", "-q"], 2, "--budget must look like cos=0.995 or top1=0.99 (a value in (0, 1]), got 'cosine=0.99'"),
+    (["tune", "zoo:convnet-bn", "--budget", "cos=1.5", "-q"], 2, "--budget must look like cos=0.995 or top1=0.99"),
+    (["tune", "zoo:convnet-bn", "--time-limit", "soon", "-q"], 2, "--time-limit must look like 10m, 90s or 600, got 'soon'"),
+    (["tune", "zoo:convnet-bn", "--out", "{f}/nowhere/x.json", "-q"], 2, "--out {f}/nowhere/x.json: directory {f}/nowhere does not exist"),
+    (["optimize", "zoo:convnet-bn", "--passes", "{f}/bad_config/config.json", "-q"], 2, "{f}/bad_config/config.json is not a graphopt pass configuration"),
 ]
 
 
@@ -357,7 +367,25 @@ ERROR_IDS = [
     "pt2-corrupt",
     "pt2-not-an-archive",
     "pt2-without-example-inputs",
+    "tune-budget-syntax",
+    "tune-budget-range",
+    "tune-time-limit",
+    "tune-out-folder",
+    "passes-file-not-a-config",
 ]
+
+
+def test_tune_writes_a_pipeline_that_optimize_reproduces(tmp_path, factories, graphopt_main):
+    out = tmp_path / "gated.json"
+    result = ok(graphopt_main("tune", f"{factories}/models.py:gated", "--budget", "cos=0.99", "--time-limit", "2m", "--out", out, "-q"))
+    assert "vs exact passes" in result.stdout and f"wrote {out}" in result.stdout
+    saved = load_config(out)
+    assert [s["pass"] for s in saved][:1] == ["canonicalize"]
+    # no attention: nothing to prune, and the report says so
+    assert "prune_tokens left out: no attention in the graph" in result.stdout
+    again = ok(graphopt_main("optimize", f"{factories}/models.py:gated", "--passes", out, "-q"))
+    for spec in saved:
+        assert spec["pass"] in again.stdout
 
 
 def _assert_one_error_line(result, status, message):

@@ -291,3 +291,35 @@ def test_the_default_pipeline_is_the_exact_passes_that_stand_alone():
     assert {"canonicalize", "fold_batchnorm", "layernorm_to_rmsnorm", "remove_padding"} <= set(names)
     assert "smooth_quant" not in names and graphopt.get_pass("smooth_quant").exact  # exact, but only a quantize_int8 preparation
     assert all(graphopt.get_pass(n).exact for n in names)
+
+
+@pytest.mark.parametrize("name", sorted(graphopt.available_passes()))
+def test_pass_spec_round_trips_through_json(name):
+    import json
+
+    cls = graphopt.get_pass(name)
+    defaults = cls()
+    assert graphopt.pass_spec(defaults) == {"pass": name}
+    # every option changed from its default where a simple change exists, tuples included
+    changed = {}
+    for f in dataclasses.fields(cls.Config):
+        value = getattr(defaults.config, f.name)
+        if isinstance(value, bool):
+            changed[f.name] = not value
+        elif isinstance(value, float) and 0 < value < 1:
+            changed[f.name] = value / 2
+    p = cls(**changed)
+    spec = json.loads(json.dumps(graphopt.pass_spec(p)))
+    again = graphopt.make_pass(spec)
+    assert type(again) is cls and again.config == p.config
+
+
+def test_pass_spec_keeps_tuples_as_tuples():
+    from graphopt.passes.prune_tokens import PruneTokens
+
+    p = PruneTokens(keep_ratio=(0.9, 0.5), layers=(1, 3))
+    spec = graphopt.pass_spec(p)
+    assert spec == {"pass": "prune_tokens", "options": {"keep_ratio": [0.9, 0.5], "layers": [1, 3]}}
+    assert graphopt.make_pass(spec).config == p.config
+    with pytest.raises(TypeError, match="a pass spec is"):
+        graphopt.make_pass({"name": "prune_tokens"})

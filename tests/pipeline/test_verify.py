@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from graphopt.pipeline.verify import Exact, MinCosine, compare, intersect_masks, relative_error, resolve_masks
+from graphopt.pipeline.verify import Exact, MinAgreement, MinCosine, compare, intersect_masks, relative_error, resolve_masks
 
 
 def test_relative_error_is_relative_to_output_scale():
@@ -74,3 +74,13 @@ def test_resolve_masks_calls_a_mask_function_per_tensor_leaf():
     assert resolved[0].shape == (2, 1) and resolved[1] is None
     with pytest.raises(ValueError, match="1 masks for 2 outputs"):
         resolve_masks([None], ref)
+
+
+def test_min_agreement_counts_rows_whose_top_class_matches():
+    ref = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1], [0.2, 0.3, 0.5], [0.0, 0.0, 1.0]])
+    out = ref.clone()
+    out[2] = torch.tensor([0.6, 0.3, 0.1])  # one of four rows changes its class
+    budget = MinAgreement(0.75)
+    assert budget.measure(out, ref) == pytest.approx(0.75)
+    assert budget.within(0.75) and not MinAgreement(0.8).within(budget.measure(out, ref))
+    assert budget.worst([0.9, 0.75]) == 0.75 and "top-1 agreement >= 0.75" in budget.describe()
