@@ -40,7 +40,7 @@ from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import Built, Case, Config, Row, environment, run_case  # noqa: E402
+from harness import Built, Case, Config, Row, environment, load_snapshot, run_case  # noqa: E402
 
 import graphopt  # noqa: E402
 import graphopt.ops.linear_attention  # noqa: E402,F401  (registers graphopt::linear_attention, hybrid_attention)
@@ -312,11 +312,6 @@ def run_models(lengths, rounds_of: Callable[[int], int], log=print) -> list[Row]
 
 
 # ----------------------------------------------------------------------------- results
-
-
-def load_snapshot() -> str:
-    one, five, fifteen = os.getloadavg()
-    return f"{time.strftime('%H:%M:%S')} load average {one:.2f}, {five:.2f}, {fifteen:.2f} ({os.cpu_count()} cores)"
 
 
 def cpu_summary() -> dict[str, str]:

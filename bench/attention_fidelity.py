@@ -25,7 +25,6 @@ import argparse
 import importlib
 import inspect
 import json
-import os
 import re
 import sys
 import time
@@ -41,7 +40,7 @@ import graphopt  # noqa: E402
 from graphopt.passes.attention_to_linear import AttentionToLinear  # noqa: E402
 from graphopt.tools import zoo  # noqa: E402
 from graphopt.tools.attention_transfer import recover  # noqa: E402
-from harness import environment  # noqa: E402
+from harness import environment, load_snapshot  # noqa: E402
 
 TRAIN_MODULES = ("json", "argparse", "collections", "logging", "pathlib", "subprocess", "unittest", "email", "csv", "itertools", "functools", "datetime")
 PASSAGE_MODULES = ("pickle", "tarfile", "zipfile", "shutil", "tempfile", "difflib", "textwrap", "heapq", "string", "decimal", "fractions", "statistics")
@@ -120,11 +119,6 @@ def scores(model, reference: dict, data: dict) -> dict:
         "passages mean cosine": long_cos.mean().item(),
         "passages min cosine": long_cos.min().item(),
     }
-
-
-def load_snapshot() -> str:
-    one, five, fifteen = os.getloadavg()
-    return f"{time.strftime('%H:%M:%S')} load average {one:.2f}, {five:.2f}, {fifteen:.2f} ({os.cpu_count()} cores)"
 
 
 def main(argv=None) -> int:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -35,16 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import graphopt  # noqa: E402
 from graphopt.tools import zoo  # noqa: E402
 from graphopt.tools.autotune import tune  # noqa: E402
-from harness import Built, Case, Config, eager, environment, inductor, onnxruntime_int8, run_case, torchao_int8  # noqa: E402
+from harness import Built, Case, Config, eager, environment, inductor, load_snapshot, onnxruntime_int8, results_header, run_case, torchao_int8  # noqa: E402
 
 from attention_fidelity import batches_of, train_sentences  # noqa: E402
 
 BUDGETS = (0.999, 0.995, 0.99, 0.98)
-
-
-def load_snapshot() -> str:
-    one, five, fifteen = os.getloadavg()
-    return f"{time.strftime('%H:%M:%S')} load average {one:.2f}, {five:.2f}, {fifteen:.2f} ({os.cpu_count()} cores)"
 
 
 def tuned_config(name: str, passes: list[dict], dynamic_shapes) -> Config:
@@ -178,11 +172,7 @@ def main(argv=None) -> int:
         "targets": lines,
     }
     (out / f"{args.name}.json").write_text(json.dumps(payload, indent=2, default=str))
-    parts = [
-        f"# {args.name}: passes='auto' on the real MiniLM against the peers\n",
-        ", ".join(f"{k} {v}" for k, v in env.items() if v is not None) + ".",
-        f"Machine load: before {before}; after {after}; the run took {seconds:.0f} s (python bench/auto.py{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}).\n",
-        (__doc__ or "").split("\n\n", 1)[1].strip() + "\n",
+    parts = results_header(f"{args.name}: passes='auto' on the real MiniLM against the peers", env, before, after, seconds, "bench/auto.py", __doc__) + [
         "## Side by side\n",
         results_table + "\n",
         "## Targets\n",

@@ -15,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import platform
+import sys
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -313,3 +315,21 @@ def write_results(rows: Sequence[Row], out_dir: str | Path, name: str, extra: di
         f"# {name}\n\n{env_line}\n\nLatency is the median over rounds of running every batch once; ratios are against the first configuration of each case.\n\n{markdown_table(rows)}\n"
     )
     return json_path, md_path
+
+
+def load_snapshot() -> str:
+    """The time and the load average, for a results file's "Machine load" line (before and after a run)."""
+    one, five, fifteen = os.getloadavg()
+    return f"{time.strftime('%H:%M:%S')} load average {one:.2f}, {five:.2f}, {fifteen:.2f} ({os.cpu_count()} cores)"
+
+
+def results_header(title: str, env: dict[str, Any], before: str, after: str, seconds: float, script: str, doc: str | None) -> list[str]:
+    """The first paragraphs of a results ``.md``: the title, the environment, the machine load and
+    the command, then the script's docstring after its first paragraph (what is measured)."""
+    args = " ".join(sys.argv[1:])
+    return [
+        f"# {title}\n",
+        ", ".join(f"{k} {v}" for k, v in env.items() if v is not None) + ".",
+        f"Machine load: before {before}; after {after}; the run took {seconds:.0f} s (python {script}{' ' + args if args else ''}).\n",
+        (doc or "").split("\n\n", 1)[1].strip() + "\n",
+    ]

@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import copy
 import io
-import os
 import statistics
 import sys
 import tempfile
@@ -57,7 +56,20 @@ from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import Built, Case, Config, eager, inductor, markdown_table, onnxruntime_cpu, onnxruntime_int8, run_case, torchao_int8, write_results  # noqa: E402
+from harness import (
+    Built,
+    Case,
+    Config,
+    eager,
+    inductor,
+    markdown_table,
+    load_snapshot,
+    onnxruntime_cpu,
+    onnxruntime_int8,
+    run_case,
+    torchao_int8,
+    write_results,
+)  # noqa: E402
 
 import graphopt  # noqa: E402
 from graphopt.frontends.capture import inference_view  # noqa: E402
@@ -612,11 +624,6 @@ def _verdict(met: bool) -> str:
 
 
 # ----------------------------------------------------------------------------- main
-
-
-def load_snapshot() -> str:
-    one, five, fifteen = os.getloadavg()
-    return f"{time.strftime('%H:%M:%S')} load average {one:.2f}, {five:.2f}, {fifteen:.2f} ({os.cpu_count()} cores)"
 
 
 def main(argv=None) -> int:

@@ -32,7 +32,7 @@ from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import Built, Case, Config, eager, inductor, markdown_table, onnxruntime_cpu, run_case, torchao_int8, write_results  # noqa: E402
+from harness import Built, Case, Config, eager, inductor, load_snapshot, markdown_table, onnxruntime_cpu, run_case, torchao_int8, write_results  # noqa: E402
 
 import graphopt  # noqa: E402
 from graphopt import default_pass_names  # noqa: E402
@@ -257,11 +257,6 @@ def fidelity_failures(rows) -> list[str]:
     return [f"{r.case} / {r.config}: min cosine {r.cosine:.6f}" for r in rows if "remove_padding" in r.config and r.cosine < MIN_COSINE]
 
 
-def load_snapshot() -> str:
-    one, five, fifteen = os.getloadavg()
-    return f"{time.strftime('%H:%M:%S')} load average {one:.2f}, {five:.2f}, {fifteen:.2f} ({os.cpu_count()} cores)"
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="16 sentences (8 padded to 128), 1 round, 5 scaling points: checks the script works")
@@ -287,9 +282,7 @@ def main(argv=None) -> int:
     padded_case, longest_case = peer_cases(entry, sentences[: args.sentences], args.padded_sentences, unavailable, label="MiniLM ")
     peer_rows = run_case(padded_case, rounds=args.rounds, warmup=1) + run_case(longest_case, rounds=args.rounds, warmup=1)
     for name, model in config_encoders().items() if args.other_sentences else ():
-        for case in peer_cases(
-            entry, sentences[: args.other_sentences], args.other_sentences, unavailable, label=f"{name} ", all_peers=False, model=model
-        ):
+        for case in peer_cases(entry, sentences[: args.other_sentences], args.other_sentences, unavailable, label=f"{name} ", all_peers=False, model=model):
             peer_rows += run_case(case, rounds=args.other_rounds, warmup=1)
 
     cases, scaling_meta = scaling_cases(entry, sentences, args.quick)

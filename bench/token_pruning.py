@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -50,7 +49,7 @@ from graphopt.passes.merge_tokens import MergeTokens  # noqa: E402
 from graphopt.passes.prune_tokens import PruneTokens  # noqa: E402
 from graphopt.tools import zoo  # noqa: E402
 from graphopt.tools.token_recovery import recover  # noqa: E402
-from harness import environment  # noqa: E402
+from harness import environment, load_snapshot, results_header  # noqa: E402
 
 from attention_fidelity import batches_of, long_passages, train_passages, train_sentences  # noqa: E402
 
@@ -80,11 +79,6 @@ class CLSPooled(torch.nn.Module):
 
     def forward(self, pixel_values):
         return self.vit(pixel_values).last_hidden_state[:, 0]
-
-
-def load_snapshot() -> str:
-    one, five, fifteen = os.getloadavg()
-    return f"{time.strftime('%H:%M:%S')} load average {one:.2f}, {five:.2f}, {fifteen:.2f} ({os.cpu_count()} cores)"
 
 
 def build(model, reduction, example, text: bool):
@@ -421,13 +415,7 @@ def main(argv=None) -> int:
         json.dumps({"environment": env, "load": {"before": before, "after": after}, "seconds": seconds, "results": [asdict(r) for r in results]}, indent=2)
     )
     plot(results, out / f"{args.name}.png")
-    parts = [
-        f"# {args.name}: token pruning and merging, speed against fidelity\n",
-        ", ".join(f"{k} {v}" for k, v in env.items() if v is not None) + ".",
-        f"Machine load: before {before}; after {after}; the run took {seconds:.0f} s "
-        f"(python bench/token_pruning.py{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}).\n",
-        (__doc__ or "").split("\n\n", 1)[1].strip() + "\n",
-    ]
+    parts = results_header(f"{args.name}: token pruning and merging, speed against fidelity", env, before, after, seconds, "bench/token_pruning.py", __doc__)
     for model in dict.fromkeys(r.model for r in results):
         parts += [f"## {model}\n", table([r for r in results if r.model == model]) + "\n"]
     parts.append(f"![frontier]({args.name}.png)\n")
