@@ -100,7 +100,7 @@ def long_passages(tokenizer, limit: int) -> list[str]:
 
 
 def batches_of(tokenizer, texts: list[str], size: int = 8, max_length: int = 128) -> list[tuple]:
-    return [zoo.tokenize(tokenizer, texts[i : i + size], max_length=max_length) for i in range(0, len(texts), size)]
+    return zoo.tokenize_batches(tokenizer, texts, size, max_length=max_length)
 
 
 def embed(model, batches) -> torch.Tensor:

@@ -322,7 +322,7 @@ def _describe(batches) -> str:
 def minilm_fidelity(entry, sentences, configs: list[Config], threads: int) -> list[dict]:
     """Every configuration's embeddings of all ``sentences`` (batches of 8, padded to the longest)
     against eager's: mean and min cosine, nearest-neighbour agreement."""
-    batches = [zoo.tokenize(entry.tokenizer, sentences[i : i + BATCH]) for i in range(0, len(sentences), BATCH)]
+    batches = zoo.tokenize_batches(entry.tokenizer, sentences, BATCH)
     out = []
     with inference_view(entry.model), torch.no_grad():
         reference = torch.cat([entry.model(*b) for b in batches])

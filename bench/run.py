@@ -38,7 +38,7 @@ def minilm_case(batch: int = 8) -> Case:
     """The real MiniLM on 64 real sentences, batches padded to their longest sentence."""
     entry = zoo.load("minilm")
     sentences = zoo.real_sentences(64)
-    batches = [zoo.tokenize(entry.tokenizer, sentences[i : i + batch]) for i in range(0, len(sentences), batch)]
+    batches = zoo.tokenize_batches(entry.tokenizer, sentences, batch)
     return Case("minilm (64 sentences, batch 8)", entry.model, batches, _configs(entry.dynamic_shapes))
 
 

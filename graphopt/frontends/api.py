@@ -21,6 +21,7 @@ from graphopt.frontends.capture import (
     flat_inputs,
     graph_dynamic_shapes,
     normalize_args,
+    normalize_batches,
     one_line,
 )
 from graphopt.frontends.check import check_backend
@@ -207,7 +208,7 @@ def optimize(
     gm, dynamic_shapes, shape_note = _capture(model, args, kwargs, dynamic_shapes, log)
     inputs = captured_inputs(gm)
     report = Report(model=name or type(model).__name__, capture=_capture_line(gm, inputs, shape_note))
-    batches = [batch if isinstance(batch, tuple) and len(batch) == 2 and isinstance(batch[1], dict) else (normalize_args(batch), {}) for batch in calibration]
+    batches = normalize_batches(calibration)
     gm, report = manager.run(gm, args, kwargs, report, calibration=batches)
     if log and backend != "eager":
         log(f"compiling with the {backend} backend")

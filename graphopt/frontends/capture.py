@@ -41,7 +41,19 @@ import torch.fx
 from graphopt.ir import _unique_attr_name, cleanup, clone_graph_module, in_place_writes, propagate_shapes, quiet_meta_errors
 from graphopt.pipeline.report import one_line  # defined with the report, whose reasons it writes
 
-__all__ = ["CaptureError", "CapturedInput", "auto_dynamic_shapes", "capture", "captured_inputs", "flat_inputs", "graph_dynamic_shapes", "inference_view", "normalize_args", "one_line"]
+__all__ = [
+    "CaptureError",
+    "CapturedInput",
+    "auto_dynamic_shapes",
+    "capture",
+    "captured_inputs",
+    "flat_inputs",
+    "graph_dynamic_shapes",
+    "inference_view",
+    "normalize_args",
+    "normalize_batches",
+    "one_line",
+]
 
 
 class CaptureError(RuntimeError):
@@ -83,6 +95,13 @@ def normalize_args(example_inputs: Any) -> tuple:
     if isinstance(example_inputs, (tuple, list)):
         return tuple(example_inputs)
     return (example_inputs,)
+
+
+def normalize_batches(batches: Any) -> list[tuple[tuple, dict]]:
+    """Input batches as ``(args, kwargs)`` pairs: each batch is already such a pair (a 2-tuple whose
+    second item is a dict), or positional inputs as :func:`normalize_args` takes them. What
+    ``optimize``'s ``calibration`` and the auto search's inputs accept."""
+    return [batch if isinstance(batch, tuple) and len(batch) == 2 and isinstance(batch[1], dict) else (normalize_args(batch), {}) for batch in batches]
 
 
 def capture(

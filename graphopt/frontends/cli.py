@@ -424,7 +424,7 @@ def cmd_demo(args) -> int:
     print(f"(ops, FLOPs and errors above: the example batch, {ids.shape[0]} sentences x {ids.shape[1]} tokens, {mask.float().mean().item():.0%} real tokens)")
 
     sentences = zoo.real_sentences(64)
-    batches = [zoo.tokenize(entry.tokenizer, sentences[i : i + args.batch]) for i in range(0, len(sentences), args.batch)]
+    batches = zoo.tokenize_batches(entry.tokenizer, sentences, args.batch)
     args.log(f"embedding {len(sentences)} sentences in {len(batches)} batches of up to {args.batch}")
     with torch.no_grad():  # this first pass over the batches is also the warm-up of both models
         original = torch.cat([entry.model(*batch) for batch in batches])
@@ -481,7 +481,7 @@ def cmd_tune(args) -> int:
     calibration: list = [workload.example_inputs]
     if workload.tokenizer is not None:
         sentences = zoo.real_sentences(args.sentences)
-        calibration = [tuple(zoo.tokenize(workload.tokenizer, sentences[i : i + args.batch])) for i in range(0, len(sentences), args.batch)]
+        calibration = zoo.tokenize_batches(workload.tokenizer, sentences, args.batch)
         args.log(f"calibration: {len(sentences)} real sentences in {len(calibration)} batches of up to {args.batch} (every third batch held out)")
     result = tune(
         workload.model, workload.example_inputs, budget=budget, calibration=calibration, example_kwargs=workload.example_kwargs, time_limit=limit, log=args.log

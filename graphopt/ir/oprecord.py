@@ -30,11 +30,12 @@ Example (the whole declaration of a hypothetical op)::
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
-__all__ = ["OpRecord", "op_record", "op_records", "register_op"]
+__all__ = ["OpRecord", "onnx_translation", "op_record", "op_records", "register_op"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,3 +179,10 @@ def op_record(target: Any) -> OpRecord | None:
 def op_records() -> Iterator[OpRecord]:
     """Every registered record, in registration order."""
     return iter(list(_RECORDS.values()))
+
+
+def onnx_translation(module: str, name: str) -> Callable[[], Any]:
+    """An :attr:`OpRecord.onnx` loader: ``module``'s ``name``, imported on the first export that asks
+    for it (an op folder's ``onnx`` module imports onnxscript, which ``import graphopt`` must not);
+    e.g. ``onnx=onnx_translation(f"{__name__}.onnx", "rms_norm")`` in the folder's ``__init__``."""
+    return lambda: getattr(importlib.import_module(module), name)

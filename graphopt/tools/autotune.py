@@ -62,6 +62,7 @@ from graphopt.ops.platform import cpu_capabilities
 from graphopt.pipeline.manager import PassManager
 from graphopt.pipeline.pass_base import default_pass_names, make_pass, pass_spec
 from graphopt.pipeline.report import APPLIED
+from graphopt.frontends.capture import normalize_args, normalize_batches
 from graphopt.pipeline.verify import Budget, Exact, flat_outputs
 
 __all__ = ["FAMILIES", "FrontierPoint", "Knob", "TuneResult", "load_config", "tune"]
@@ -232,15 +233,16 @@ class _Measurer:
                         total, rows = total + self.budget.measure(out, r) * n, rows + n
         return total / max(rows, 1)
 
-    def time(self, candidates: dict[str, Callable]) -> dict[str, float]:
-        """Median milliseconds of each callable over the timing batches, rounds interleaved."""
+    def time(self, candidates: dict[str, Callable], rounds: int | None = None) -> dict[str, float]:
+        """Median milliseconds of each callable over the timing batches, ``rounds`` (default: the
+        search's) interleaved."""
         samples: dict[str, list[float]] = {name: [] for name in candidates}
         with torch.no_grad():
             for fn in candidates.values():  # warm up (first-call allocations, kernels chosen by measurement per shape)
                 for _ in range(2):
                     for a, k in self.timing:
                         fn(*a, **k)
-            for round_ in range(self.rounds):
+            for round_ in range(rounds or self.rounds):
                 # every other round in reverse, so that running first or second weighs on both alike
                 for name, fn in list(candidates.items())[:: 1 if round_ % 2 == 0 else -1]:
                     start = time.perf_counter()
@@ -298,16 +300,6 @@ def _prefix(order: list[tuple[Knob, float, float]], count: int) -> tuple[list[Kn
 
 
 # ----------------------------------------------------------------------------- the search
-
-
-def _as_batches(inputs: Sequence[Any]) -> list[tuple[tuple, dict]]:
-    out = []
-    for batch in inputs:
-        if isinstance(batch, tuple) and len(batch) == 2 and isinstance(batch[1], dict):
-            out.append((tuple(batch[0]), dict(batch[1])))
-        else:
-            out.append(((tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)), {}))
-    return out
 
 
 def _digest(*parts: Any) -> str:
@@ -388,14 +380,13 @@ def tune(
     exact = [{"pass": name} for name in default_pass_names()]
     base_opt = optimize(model, passes=[make_pass(s) for s in exact], example_inputs=example_inputs, example_kwargs=example_kwargs, calibration=calibration)
     base = base_opt.graph_module
-    args = example_inputs if isinstance(example_inputs, tuple) else ((example_inputs,) if example_inputs is not None else ())
-    kwargs = dict(example_kwargs or {})
-    batches = _as_batches(calibration) or [(args, kwargs)]
+    args, kwargs = normalize_args(example_inputs), dict(example_kwargs or {})
+    batches = normalize_batches(calibration) or [(args, kwargs)]
     if holdout is None:
         held = batches[2::3] if len(batches) >= 3 else []
         fit = [b for i, b in enumerate(batches) if len(batches) < 3 or i % 3 != 2]
     else:
-        fit, held = batches, _as_batches(holdout)
+        fit, held = batches, normalize_batches(holdout)
     with torch.no_grad():
         reference_fit = [model(*a, **k) for a, k in fit]
         reference_held = [model(*a, **k) for a, k in held]
@@ -427,9 +418,6 @@ def tune(
         if cache:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
             cache_file.write_text(json.dumps(stored, indent=1))
-
-    baseline_ms = measurer.time({"baseline": base})["baseline"]
-    say(f"baseline (exact passes): {baseline_ms:.1f} ms over {len(measurer.timing)} timing batches")
 
     # -- knobs, one at a time
     knobs: list[Knob] = []
@@ -509,6 +497,7 @@ def tune(
     for _, loss, _ in order:
         cumulative.append(cumulative[-1] + loss)
     frontier: dict[int, FrontierPoint] = {}
+    graphs: dict[int, GraphModule] = {}  # each point's graph, for the held-out check
 
     def measure_prefix(count: int) -> FrontierPoint:
         if count not in frontier:
@@ -518,8 +507,7 @@ def tune(
             times = measurer.time({"baseline": base, "candidate": gm} if chosen else {"baseline": base})
             times.setdefault("candidate", times["baseline"])
             point = FrontierPoint(count, predicted, measurer.fidelity(gm), times["candidate"], times["baseline"] / times["candidate"], specs)
-            point._gm = gm  # type: ignore[attr-defined]  (kept for the held-out check, not saved)
-            frontier[count] = point
+            frontier[count], graphs[count] = point, gm
             say(f"{count} knobs: fidelity {point.fidelity:.4f} (predicted {1 - predicted:.4f}), {point.speedup:.2f}x")
         return frontier[count]
 
@@ -549,9 +537,7 @@ def tune(
     points = sorted(frontier.values(), key=lambda p: p.knobs)
     contenders = [p for p in points if budget.within(p.fidelity)]
     if len(contenders) > 1 and time.perf_counter() < started + time_limit:
-        measurer.rounds, rounds_before = 2 * measurer.rounds, measurer.rounds
-        times = measurer.time({"baseline": base, **{str(p.knobs): p._gm for p in contenders if p.knobs}})  # type: ignore[attr-defined]
-        measurer.rounds = rounds_before
+        times = measurer.time({"baseline": base, **{str(p.knobs): graphs[p.knobs] for p in contenders if p.knobs}}, rounds=2 * rounds)
         for point in contenders:
             point.latency_ms = times.get(str(point.knobs), times["baseline"])
             point.speedup = times["baseline"] / point.latency_ms
@@ -560,7 +546,7 @@ def tune(
     # -- choose: the fastest within budget on calibration that also holds on the held-out inputs
     choice = points[0]
     for point in sorted((p for p in points if budget.within(p.fidelity)), key=lambda p: -p.speedup):
-        point.held_out = measurer.fidelity(point._gm, held=True) if held else None  # type: ignore[attr-defined]
+        point.held_out = measurer.fidelity(graphs[point.knobs], held=True) if held else None
         if point.held_out is None or budget.within(point.held_out):
             choice = point
             break
@@ -571,8 +557,6 @@ def tune(
         notes.append(f"no approximate setting fits {budget.describe()}: the exact passes only")
     if not held:
         notes.append("no held-out inputs (fewer than three calibration batches): the choice is checked on calibration only")
-    for point in points:
-        point.__dict__.pop("_gm", None)
     result = TuneResult(
         budget=budget.describe(),
         passes=choice.passes,

@@ -107,6 +107,7 @@ __all__ = [
     "nearest_neighbour_agreement",
     "real_sentences",
     "tokenize",
+    "tokenize_batches",
     "top1",
     "train_vit_digits",
     "vit_digits_cache_path",
@@ -1071,6 +1072,11 @@ def tokenize(tokenizer, sentences: list[str], *, max_length: int = 128, pad_to: 
         input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.int64)
         attention_mask[i, : len(row)] = 1
     return input_ids, attention_mask
+
+
+def tokenize_batches(tokenizer, sentences: list[str], batch_size: int, *, max_length: int = 128) -> list[tuple[Tensor, Tensor]]:
+    """``sentences`` in order, ``batch_size`` at a time, each batch :func:`tokenize`\ d (padded to its longest)."""
+    return [tokenize(tokenizer, sentences[i : i + batch_size], max_length=max_length) for i in range(0, len(sentences), batch_size)]
 
 
 def _nearest_neighbours(x: Tensor) -> Tensor:

@@ -32,7 +32,7 @@ def cosine(module, model, batches) -> float:
         return torch.cat([row_cosines(module(*b), model(*b)) for b in batches]).mean().item()
 
 
-def flops_time(self, candidates):
+def flops_time(self, candidates, rounds=None):
     """A timer that is the same on every machine: FLOPs on the timing batches (MFLOP as ms), an
     int8 linear 0.4% cheaper than the graph's mean, so that both families gain something."""
     out = {}

@@ -29,7 +29,7 @@ from torch.fx import Node
 
 from graphopt.ir import normalized_args, shape_of
 from graphopt.ir.flops import example_value, size
-from graphopt.ir.oprecord import OpRecord, register_op
+from graphopt.ir.oprecord import OpRecord, onnx_translation, register_op
 from graphopt.ops.recompute import recomputed_backward
 from graphopt.ops.linear_attention.cpu import CHUNK, hybrid_attention_fast, key_weights, linear_attention_fast, linear_sums
 from graphopt.ops.linear_attention.reference import (
@@ -184,20 +184,13 @@ def _varlen_hybrid_flops(node: Node) -> int:
     return total
 
 
-def _onnx():
-    """:mod:`graphopt.ops.linear_attention.onnx`, imported when an ONNX export asks for it (it imports onnxscript)."""
-    from graphopt.ops.linear_attention import onnx as translations
-
-    return translations
-
-
 register_op(
     OpRecord(
         op=torch.ops.graphopt.linear_attention,
         reference=linear_attention_reference,
         fake=_attention_fake,
         flops=_linear_attention_flops,
-        onnx=lambda: _onnx().linear_attention,
+        onnx=onnx_translation(f"{__name__}.onnx", "linear_attention"),
     )
 )
 register_op(
@@ -206,7 +199,7 @@ register_op(
         reference=hybrid_attention_reference,
         fake=_attention_fake,
         flops=_hybrid_attention_flops,
-        onnx=lambda: _onnx().hybrid_attention,
+        onnx=onnx_translation(f"{__name__}.onnx", "hybrid_attention"),
     )
 )
 register_op(
@@ -215,7 +208,7 @@ register_op(
         reference=varlen_linear_attention_reference,
         fake=_attention_fake,
         flops=_varlen_linear_flops,
-        onnx=lambda: _onnx().varlen_linear_attention,
+        onnx=onnx_translation(f"{__name__}.onnx", "varlen_linear_attention"),
     )
 )
 register_op(
@@ -224,7 +217,7 @@ register_op(
         reference=varlen_hybrid_attention_reference,
         fake=_attention_fake,
         flops=_varlen_hybrid_flops,
-        onnx=lambda: _onnx().varlen_hybrid_attention,
+        onnx=onnx_translation(f"{__name__}.onnx", "varlen_hybrid_attention"),
     )
 )
 

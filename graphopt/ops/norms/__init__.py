@@ -35,7 +35,7 @@ import functools
 import torch
 from torch import Tensor
 
-from graphopt.ir.oprecord import OpRecord, register_op
+from graphopt.ir.oprecord import OpRecord, onnx_translation, register_op
 from graphopt.ops.norms.cpu import c_kernels, crms_norm_cpu, rms_norm_cpu
 from graphopt.ops.norms.reference import crms_norm_reference, crms_norm_torch, rms_norm_reference, rms_norm_torch
 
@@ -146,13 +146,6 @@ def _rms_norm_row_lowering(out: str, args: dict, fresh, row) -> list[str]:
 # ----------------------------------------------------------------------------- records
 
 
-def _onnx():
-    """:mod:`graphopt.ops.norms.onnx`, imported when an ONNX export asks for it (it imports onnxscript)."""
-    from graphopt.ops.norms import onnx as translations
-
-    return translations
-
-
 RMS_NORM = register_op(
     OpRecord(
         op=torch.ops.graphopt.rms_norm,
@@ -165,7 +158,7 @@ RMS_NORM = register_op(
         inductor_decomposition=rms_norm_reference,
         eager_fast_path=_rms_norm_eager,
         triton_lowering=_rms_norm_row_lowering,
-        onnx=lambda: _onnx().rms_norm,
+        onnx=onnx_translation(f"{__name__}.onnx", "rms_norm"),
     )
 )
 
@@ -180,7 +173,7 @@ CRMS_NORM = register_op(
         is_norm=True,
         inductor_decomposition=crms_norm_reference,
         eager_fast_path=_crms_norm_eager,
-        onnx=lambda: _onnx().crms_norm,
+        onnx=onnx_translation(f"{__name__}.onnx", "crms_norm"),
     )
 )
 

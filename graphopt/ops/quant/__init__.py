@@ -36,7 +36,7 @@ from torch.fx import Node
 
 from graphopt.ir import normalized_args, shape_of
 from graphopt.ir.flops import size
-from graphopt.ir.oprecord import OpRecord, register_op
+from graphopt.ir.oprecord import OpRecord, onnx_translation, register_op
 from graphopt.ops.platform import cpu_capabilities
 from graphopt.ops.quant.cpu import int8_linear_cpu, weight_only_linear_cpu
 from graphopt.ops.quant.reference import (
@@ -204,13 +204,6 @@ def _int8_linear_cpu_kernel(x, qweight, weight_scale, bias, smooth, outlier_inde
 # ----------------------------------------------------------------------------- records
 
 
-def _onnx():
-    """:mod:`graphopt.ops.quant.onnx`, imported when an ONNX export asks for it (it imports onnxscript)."""
-    from graphopt.ops.quant import onnx as translations
-
-    return translations
-
-
 INT8_LINEAR = register_op(
     OpRecord(
         op=torch.ops.graphopt.int8_linear,
@@ -221,7 +214,7 @@ INT8_LINEAR = register_op(
         tokenwise=1,  # per-token quantization: each output row reads its own input row only
         inductor_decomposition=int8_linear_decomposition if cpu_capabilities().vnni else None,
         eager_fast_path=_int8_linear_eager,
-        onnx=lambda: _onnx().int8_linear,
+        onnx=onnx_translation(f"{__name__}.onnx", "int8_linear"),
         quantizes=True,
     )
 )
@@ -236,7 +229,7 @@ WEIGHT_ONLY_LINEAR = register_op(
         tokenwise=1,
         inductor_decomposition=_weight_only_linear_decomposition,
         eager_fast_path=_weight_only_linear_eager,
-        onnx=lambda: _onnx().weight_only_linear,
+        onnx=onnx_translation(f"{__name__}.onnx", "weight_only_linear"),
     )
 )
 

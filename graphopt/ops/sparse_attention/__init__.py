@@ -33,7 +33,7 @@ from torch.fx import Node
 
 from graphopt.ir import normalized_args, shape_of
 from graphopt.ir.flops import example_value, size
-from graphopt.ir.oprecord import OpRecord, register_op
+from graphopt.ir.oprecord import OpRecord, onnx_translation, register_op
 from graphopt.ops.sparse_attention.cpu import block_sparse_attention_gathered, varlen_window_attention_chunked, window_attention_chunked
 from graphopt.ops.sparse_attention.reference import (
     block_pair_count,
@@ -134,20 +134,13 @@ def _varlen_window_flops(node: Node) -> int:
     return 2 * pairs * size(q[1]) * (size(q[2]) + size(v[2]))
 
 
-def _onnx():
-    """:mod:`graphopt.ops.sparse_attention.onnx`, imported when an ONNX export asks for it (it imports onnxscript)."""
-    from graphopt.ops.sparse_attention import onnx as translations
-
-    return translations
-
-
 register_op(
     OpRecord(
         op=torch.ops.graphopt.window_attention,
         reference=window_attention_reference,
         fake=_window_attention_fake,
         flops=_window_flops,
-        onnx=lambda: _onnx().window_attention,
+        onnx=onnx_translation(f"{__name__}.onnx", "window_attention"),
     )
 )
 register_op(
@@ -156,7 +149,7 @@ register_op(
         reference=block_sparse_attention_reference,
         fake=_block_sparse_attention_fake,
         flops=_block_flops,
-        onnx=lambda: _onnx().block_sparse_attention,
+        onnx=onnx_translation(f"{__name__}.onnx", "block_sparse_attention"),
     )
 )
 register_op(
@@ -165,7 +158,7 @@ register_op(
         reference=varlen_window_attention_reference,
         fake=_varlen_window_attention_fake,
         flops=_varlen_window_flops,
-        onnx=lambda: _onnx().varlen_window_attention,
+        onnx=onnx_translation(f"{__name__}.onnx", "varlen_window_attention"),
     )
 )
 

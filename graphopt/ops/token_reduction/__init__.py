@@ -90,7 +90,7 @@ from torch.fx import Node
 
 from graphopt.ir import normalized_args, shape_of
 from graphopt.ir.flops import example_value, size
-from graphopt.ir.oprecord import OpRecord, register_op
+from graphopt.ir.oprecord import OpRecord, onnx_translation, register_op
 from graphopt.ops.recompute import recomputed_backward
 from graphopt.ops.token_reduction.cpu import merge_tokens_batched, prune_tokens_batched, token_importance_batched, varlen_attention_sized_bucketed
 from graphopt.ops.token_reduction.reference import (
@@ -260,20 +260,13 @@ def _varlen_attention_sized_flops(node: Node) -> int:
     return 2 * pairs * size(q[1]) * (size(q[2]) + size(v[2]))
 
 
-def _onnx():
-    """:mod:`graphopt.ops.token_reduction.onnx`, imported when an ONNX export asks for it (it imports onnxscript)."""
-    from graphopt.ops.token_reduction import onnx as translations
-
-    return translations
-
-
 register_op(
     OpRecord(
         op=torch.ops.graphopt.token_importance,
         reference=token_importance_reference,
         fake=_token_importance_fake,
         flops=_token_importance_flops,
-        onnx=lambda: _onnx().token_importance,
+        onnx=onnx_translation(f"{__name__}.onnx", "token_importance"),
     )
 )
 register_op(
@@ -282,7 +275,7 @@ register_op(
         reference=prune_tokens_reference,
         fake=_prune_tokens_fake,
         flops=_prune_tokens_flops,
-        onnx=lambda: _onnx().prune_tokens,
+        onnx=onnx_translation(f"{__name__}.onnx", "prune_tokens"),
     )
 )
 register_op(
@@ -291,7 +284,7 @@ register_op(
         reference=merge_tokens_reference,
         fake=_merge_tokens_fake,
         flops=_merge_tokens_flops,
-        onnx=lambda: _onnx().merge_tokens,
+        onnx=onnx_translation(f"{__name__}.onnx", "merge_tokens"),
     )
 )
 register_op(
@@ -300,6 +293,6 @@ register_op(
         reference=varlen_attention_sized_reference,
         fake=_varlen_attention_sized_fake,
         flops=_varlen_attention_sized_flops,
-        onnx=lambda: _onnx().varlen_attention_sized,
+        onnx=onnx_translation(f"{__name__}.onnx", "varlen_attention_sized"),
     )
 )

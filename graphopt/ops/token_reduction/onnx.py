@@ -59,13 +59,13 @@ Imported only by the exporter (through the records' ``onnx`` loaders).
 
 from __future__ import annotations
 
-import math
 
 import onnxscript
 from onnxscript import BOOL, DOUBLE, FLOAT, INT64, ir
 from onnxscript import opset18 as op
 from onnxscript.function_libs.torch_lib.tensor_typing import TFloat, TTensor, TTensor2
 
+from graphopt.ops.linear_attention.onnx import static_scale
 from graphopt.ops.token_reduction.reference import HEAD_FILTER_MADS, HEAD_FILTER_TOLERANCE
 
 # The annotations are not decoration: the exporter reads a function's inputs and outputs from them.
@@ -149,16 +149,6 @@ def _combine_heads(scores: FLOAT[...], heads: FLOAT[...], block: FLOAT[...]) -> 
     return op.Div(combined, op.MatMul(combined, block))
 
 
-def _static_scale(q, scale: float | None) -> float:
-    """``scale``, or ``1 / sqrt(D)`` for ``None`` (``D`` must be static)."""
-    if scale is not None:
-        return float(scale)
-    head_dim = q.shape[-1] if q.shape is not None else None
-    if not isinstance(head_dim, int):
-        raise ValueError(f"varlen_attention_sized without a scale needs a static head dim to export, got {head_dim}")
-    return 1.0 / math.sqrt(head_dim)
-
-
 def _kept_heads(scores, block, count):
     """The variance-based head filter, 1/0 ``[H, T]``: each token carries its sequence's choice of heads."""
     log_variance = _log_variance(scores, block, count, tiny=_TINY_VARIANCE)
@@ -168,7 +158,7 @@ def _kept_heads(scores, block, count):
 
 def varlen_attention_sized(q, k, v, mask, sizes, scale: float | None = None):
     """``graphopt::varlen_attention_sized``: all packed tokens at once, ``Log(sizes)`` as a key bias."""
-    return _varlen_attention_sized(q, k, v, _same_sequence(mask), op.CastLike(sizes, q), scale=_static_scale(q, scale))
+    return _varlen_attention_sized(q, k, v, _same_sequence(mask), op.CastLike(sizes, q), scale=static_scale(q, scale, "varlen_attention_sized"))
 
 
 def token_importance(q, k, mask, scale: float, iterations: int = 30, head_filter: bool = True):

@@ -49,7 +49,7 @@ from torch.fx import Node
 
 from graphopt.ir import normalized_args, shape_of
 from graphopt.ir.flops import example_value, size
-from graphopt.ir.oprecord import OpRecord, register_op
+from graphopt.ir.oprecord import OpRecord, onnx_translation, register_op
 from graphopt.ops.recompute import recomputed_backward
 from graphopt.ops.varlen.cpu import (  # noqa: F401  (_length_buckets: checked by the tests)
     _length_buckets,
@@ -157,15 +157,14 @@ def _moves_tokens(node: Node) -> int:
     return 0
 
 
-def _onnx():
-    """:mod:`graphopt.ops.varlen.onnx`, imported when an ONNX export asks for it (it imports onnxscript)."""
-    from graphopt.ops.varlen import onnx as translations
-
-    return translations
-
-
 register_op(
-    OpRecord(op=torch.ops.graphopt.pack_tokens, reference=pack_tokens_reference, fake=_pack_tokens_fake, flops=_moves_tokens, onnx=lambda: _onnx().pack_tokens)
+    OpRecord(
+        op=torch.ops.graphopt.pack_tokens,
+        reference=pack_tokens_reference,
+        fake=_pack_tokens_fake,
+        flops=_moves_tokens,
+        onnx=onnx_translation(f"{__name__}.onnx", "pack_tokens"),
+    )
 )
 register_op(
     OpRecord(
@@ -173,7 +172,7 @@ register_op(
         reference=unpack_tokens_reference,
         fake=_unpack_tokens_fake,
         flops=_moves_tokens,
-        onnx=lambda: _onnx().unpack_tokens,
+        onnx=onnx_translation(f"{__name__}.onnx", "unpack_tokens"),
     )
 )
 register_op(
@@ -182,11 +181,17 @@ register_op(
         reference=varlen_attention_reference,
         fake=_varlen_attention_fake,
         flops=_varlen_attention_flops,
-        onnx=lambda: _onnx().varlen_attention,
+        onnx=onnx_translation(f"{__name__}.onnx", "varlen_attention"),
     )
 )
 register_op(
-    OpRecord(op=torch.ops.graphopt.sum_tokens, reference=sum_tokens_reference, fake=_pooled_fake, flops=_moves_tokens, onnx=lambda: _onnx().sum_tokens)
+    OpRecord(
+        op=torch.ops.graphopt.sum_tokens,
+        reference=sum_tokens_reference,
+        fake=_pooled_fake,
+        flops=_moves_tokens,
+        onnx=onnx_translation(f"{__name__}.onnx", "sum_tokens"),
+    )
 )
 register_op(
     OpRecord(
@@ -194,7 +199,7 @@ register_op(
         reference=select_token_reference,
         fake=_pooled_fake,
         flops=_moves_tokens,
-        onnx=lambda: _onnx().select_token,
+        onnx=onnx_translation(f"{__name__}.onnx", "select_token"),
     )
 )
 
