@@ -160,6 +160,7 @@ def main(argv=None) -> int:
         "searches": {
             str(t): {
                 "passes": r.passes,
+                "settings": r.settings,
                 "fidelity": r.fidelity,
                 "held_out": r.held_out,
                 "speedup": r.speedup,

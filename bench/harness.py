@@ -30,6 +30,7 @@ import graphopt
 from graphopt.frontends.capture import inference_view
 from graphopt.ir.flops import count_flops, param_bytes
 from graphopt.pipeline.verify import Exact, MinCosine, compare
+from graphopt.tools import peers
 
 Builder = Callable[[torch.nn.Module, tuple], "Built"]
 
@@ -79,44 +80,30 @@ def eager() -> Config:
 
 
 def inductor(dynamic: bool | None = False) -> Config:
-    """``torch.compile`` with inductor; ``dynamic=None`` is torch's default (static first, then
-    one dynamic recompile), for batches of varying shapes."""
+    """``torch.compile`` with inductor (:func:`graphopt.tools.peers.inductor`); ``dynamic=None`` is
+    torch's default (static first, then one dynamic recompile), for batches of varying shapes."""
 
     def build(model, example):
         gm = graphopt.capture(model, example)
-        return Built(torch.compile(model, backend="inductor", dynamic=dynamic), **_graph_stats(gm))
+        return Built(peers.inductor(model, dynamic), **_graph_stats(gm))
 
     return Config("inductor", build)
 
 
 def torchao_int8(dynamic: bool | None = False) -> Config:
     """torchao dynamic int8 activations + int8 weights on every ``nn.Linear`` (a copy of the model),
-    compiled with inductor, which is what generates torchao's fused int8 CPU code."""
-
-    def build(model, example):
-        import copy
-
-        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
-
-        quantized = copy.deepcopy(model)
-        quantize_(quantized, Int8DynamicActivationInt8WeightConfig())
-        return Built(torch.compile(quantized, backend="inductor", dynamic=dynamic))
-
-    return Config("torchao int8 + inductor", build)
+    compiled with inductor (:func:`graphopt.tools.peers.torchao_int8`)."""
+    return Config("torchao int8 + inductor", lambda model, example: Built(peers.torchao_int8(model, dynamic)))
 
 
 def onnxruntime_cpu(dynamic_shapes: Any = None) -> Config:
     """The model exported by ``torch.onnx.export`` (the dynamo exporter) and run by onnxruntime's
-    CPUExecutionProvider with default graph optimizations and torch's thread count; outputs come
-    back as torch tensors. ``dynamic_shapes`` is a ``torch.export`` spec for inputs of varying shapes."""
+    CPUExecutionProvider (:func:`graphopt.tools.peers.onnxruntime`). ``dynamic_shapes`` is a
+    ``torch.export`` spec for inputs of varying shapes."""
 
     def build(model, example):
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "model.onnx"
-            _export_onnx(model, example, dynamic_shapes, path)
-            return Built(_onnxruntime_runner(path), disk_bytes=path.stat().st_size)
+        run, size = peers.onnxruntime(model, example, dynamic_shapes)
+        return Built(run, disk_bytes=size)
 
     return Config("onnxruntime (CPU)", build)
 
@@ -127,39 +114,10 @@ def onnxruntime_int8(dynamic_shapes: Any = None) -> Config:
     weights per output channel, activations quantized per tensor at run time)."""
 
     def build(model, example):
-        import tempfile
-
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        with tempfile.TemporaryDirectory() as tmp:
-            fp32, int8 = Path(tmp) / "model.onnx", Path(tmp) / "model.int8.onnx"
-            _export_onnx(model, example, dynamic_shapes, fp32)
-            quantize_dynamic(str(fp32), str(int8), per_channel=True, weight_type=QuantType.QInt8)
-            return Built(_onnxruntime_runner(int8), disk_bytes=int8.stat().st_size)
+        run, size = peers.onnxruntime(model, example, dynamic_shapes, quantize=True)
+        return Built(run, disk_bytes=size)
 
     return Config("onnxruntime int8 (CPU)", build)
-
-
-def _export_onnx(model, example, dynamic_shapes, path: Path) -> None:
-    program = torch.onnx.export(model, tuple(example), dynamo=True, dynamic_shapes=dynamic_shapes, verbose=False)
-    program.save(str(path))
-
-
-def _onnxruntime_runner(path: Path) -> Callable:
-    """A CPUExecutionProvider session on ``path`` (intra-op threads = torch's), called with torch tensors."""
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    options.inter_op_num_threads = 1
-    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    input_names = [i.name for i in session.get_inputs()]
-
-    def run(*inputs):
-        outputs = [torch.from_numpy(o) for o in session.run(None, {name: x.numpy() for name, x in zip(input_names, inputs)})]
-        return outputs[0] if len(outputs) == 1 else tuple(outputs)
-
-    return run
 
 
 def graphopt_pipeline(passes: Sequence[str], backend: str = "eager", name: str | None = None, **optimize_kwargs) -> Config:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
 from graphopt.ir import NotApplicable, add_constant, aten, get_tensor, is_op, val_of
-from graphopt.ir.linears import find_linears
+from graphopt.ir.linears import chosen_linears, find_linears
 from graphopt.ir.oprecord import op_record
 from graphopt.ops.platform import cpu_capabilities, fastest
 from graphopt.pipeline.pass_base import Pass, PassContext, PassResult, register_pass
@@ -72,14 +72,23 @@ class CastBF16(Pass):
             min_cosine: the budget: mean cosine of the outputs against the graph before the pass.
             require_native: apply only where bf16 is native on this CPU and measures faster.
             attention: also run attention (SDPA, varlen attention, activation matmuls) in bf16.
+            layers, pattern: which linears (indices in graph order, or a name regular expression);
+                None for all.
         """
 
         min_cosine: float = 0.999
         require_native: bool = True
         attention: bool = True
+        layers: tuple[int, ...] | None = None
+        pattern: str | None = None
+
+        def __post_init__(self):
+            if self.layers is not None:
+                object.__setattr__(self, "layers", tuple(self.layers))
 
     def analyze(self, gm: GraphModule, ctx: PassContext) -> tuple[list, list[Node]]:
-        linears = [lin for lin in find_linears(gm) if val_of(lin.x) is not None and val_of(lin.x).dtype == torch.float32]
+        chosen = find_linears(gm) if self.config.layers is None and self.config.pattern is None else chosen_linears(gm, self.config.layers, self.config.pattern)
+        linears = [lin for lin in chosen if val_of(lin.x) is not None and val_of(lin.x).dtype == torch.float32]
         others = [n for n in gm.graph.nodes if self.config.attention and (_is_attention(n) or (is_op(n, *_MATMUL_OPS) and self._activation_matmul(n)))]
         others = [n for n in others if all(isinstance(val_of(a), torch.Tensor) and val_of(a).dtype == torch.float32 for a in n.args[:2])]
         if not linears and not others:
@@ -100,7 +109,9 @@ class CastBF16(Pass):
                 m, (n, k) = max(((lin.tokens() or 1, tuple(lin.weight(gm).shape)) for lin in linears), key=lambda t: t[0] * t[1][0] * t[1][1])
                 speedup = bf16_speedup(min(m, 4096), n, k)
                 if speedup <= 1.0:
-                    raise NotApplicable(f"a bf16 linear of the graph's largest shape ({m}x{k} by {n}) measures {1 / speedup:.2f}x the fp32 time on {caps.describe()}")
+                    raise NotApplicable(
+                        f"a bf16 linear of the graph's largest shape ({m}x{k} by {n}) measures {1 / speedup:.2f}x the fp32 time on {caps.describe()}"
+                    )
         for lin in linears:
             self._cast_linear(gm, lin)
         for node in others:

@@ -50,7 +50,8 @@ class MergeTokens(Pass):
         """Options of ``merge_tokens``.
 
         Attributes:
-            r: tokens merged per sequence in each chosen block (fewer where a sequence has fewer to merge).
+            r: tokens merged per sequence in each chosen block (fewer where a sequence has fewer to
+                merge): one value, or one per layer of ``layers``.
             layers: the blocks (indices of the attentions, in graph order; negative from the end), None for all.
             protect_first, protect_last: leading and trailing tokens of each sequence never merged
                 (``[CLS]``; ``[SEP]``). ``protect_last`` None: 1 for text packed by a padding mask, 0 otherwise.
@@ -58,7 +59,7 @@ class MergeTokens(Pass):
             min_cosine: the budget: mean cosine of the outputs against the graph before the pass.
         """
 
-        r: int = 8
+        r: int | tuple[int, ...] = 8
         layers: tuple[int, ...] | None = None
         protect_first: int = 1
         protect_last: int | None = None
@@ -68,8 +69,12 @@ class MergeTokens(Pass):
         def __post_init__(self):
             if self.layers is not None:
                 object.__setattr__(self, "layers", tuple(self.layers))
-            if self.r < 1:
-                raise ValueError(f"r must be >= 1, got {self.r}")
+            if isinstance(self.r, list):
+                object.__setattr__(self, "r", tuple(self.r))
+            if not all(isinstance(r, int) and r >= 1 for r in (self.r if isinstance(self.r, tuple) else (self.r,))):
+                raise ValueError(f"r must be >= 1, got {self.r!r}")
+            if isinstance(self.r, tuple) and (self.layers is None or len(self.layers) != len(self.r)):
+                raise ValueError("an r per layer needs layers of the same length")
             if self.protect_first < 0 or (self.protect_last is not None and self.protect_last < 0):
                 raise ValueError("protect_first and protect_last must be >= 0")
 
@@ -84,17 +89,31 @@ class MergeTokens(Pass):
         layers = chosen_layers(self.config.layers, len(stream.attentions), default=range(len(stream.attentions)))
         protect_last = default_protect_last(stream) if self.config.protect_last is None else self.config.protect_last
         cfg = self.config
+        n = len(stream.attentions)
+        r_of = {i % n: r for i, r in zip(cfg.layers, cfg.r)} if isinstance(cfg.r, tuple) else {i: cfg.r for i in layers}
 
         def emit(graph, x, layout, attention):
             metric = key_metric(graph, attention)
             sizes = with_sizes(layout, graph, x)
-            merged = graph.call_function(torch.ops.graphopt.merge_tokens.default, (x, metric, sizes, layout.mask, cfg.r, cfg.protect_first, protect_last))
+            r = r_of[stream.attentions.index(attention)]  # each cut replaces the attentions after it (proportional attention)
+            merged = graph.call_function(torch.ops.graphopt.merge_tokens.default, (x, metric, sizes, layout.mask, r, cfg.protect_first, protect_last))
             return tuple(graph.call_function(operator.getitem, (merged, i)) for i in range(3))
 
         layouts = reduce_tokens(gm, stream, layers, emit, protected=cfg.protect_first, proportional=cfg.proportional)
         if len(layouts) < 2:
             raise NotApplicable("no block chosen")
         stats = reduction_stats(gm, ctx, layouts)
-        stats.update({"r": cfg.r, "blocks": len(layouts) - 1, "protect": [cfg.protect_first, protect_last], "packed_here": plan is not None})
+        stats.update(
+            {
+                "r": [r_of[i] for i in layers] if isinstance(cfg.r, tuple) else cfg.r,
+                "blocks": len(layouts) - 1,
+                "protect": [cfg.protect_first, protect_last],
+                "packed_here": plan is not None,
+            }
+        )
         kept = f"; {stats['kept']:.0%} of the tokens left after the last on the example" if "kept" in stats else ""
-        return PassResult(changed=True, stats=stats, message=f"{cfg.r} tokens merged per sequence in each of {len(layouts) - 1} block(s){kept}")
+        return PassResult(
+            changed=True,
+            stats=stats,
+            message=f"{cfg.r if isinstance(cfg.r, int) else '/'.join(map(str, cfg.r))} tokens merged per sequence in each of {len(layouts) - 1} block(s){kept}",
+        )

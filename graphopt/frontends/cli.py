@@ -70,6 +70,7 @@ from graphopt.pipeline import pass_base
 from graphopt.pipeline.manager import run_graph
 from graphopt.pipeline.verify import Budget, Exact, MinAgreement, MinCosine, compare, row_cosines
 from graphopt.tools.autotune import load_config, tune
+from graphopt.tools.peers import PEERS
 
 PROG = "graphopt"
 
@@ -473,6 +474,10 @@ def parse_duration(text: str) -> float:
 def cmd_tune(args) -> int:
     budget = parse_budget(args.budget)
     limit = parse_duration(args.time_limit)
+    peers = list(PEERS) if args.peers.strip() == "all" else [p.strip() for p in args.peers.split(",") if p.strip()]
+    unknown = [p for p in peers if p not in PEERS]
+    if unknown:
+        raise UsageError(f"--peers: unknown {', '.join(unknown)}; the peers are {', '.join(PEERS)} (or all)")
     out = Path(args.out)
     for path, flag in ((out, "--out"), (Path(args.plot) if args.plot else None, "--plot")):
         if path is not None and not path.parent.is_dir():
@@ -484,9 +489,18 @@ def cmd_tune(args) -> int:
         calibration = zoo.tokenize_batches(workload.tokenizer, sentences, args.batch)
         args.log(f"calibration: {len(sentences)} real sentences in {len(calibration)} batches of up to {args.batch} (every third batch held out)")
     result = tune(
-        workload.model, workload.example_inputs, budget=budget, calibration=calibration, example_kwargs=workload.example_kwargs, time_limit=limit, log=args.log
+        workload.model,
+        workload.example_inputs,
+        budget=budget,
+        calibration=calibration,
+        example_kwargs=workload.example_kwargs,
+        time_limit=limit,
+        peers=peers,
+        log=args.log,
     )
     print(result.table())
+    if result.peers:
+        print(result.peer_table())
     print(result.summary())
     result.save(out)
     print(f"wrote {out}: graphopt optimize {args.model} --passes {out}  (or graphopt.optimize(model, passes={str(out)!r}, ...))")
@@ -594,6 +608,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-limit", default="10m", help="the search's limit: 10m, 90s, 600 (default: 10m)")
     p.add_argument("--out", default="graphopt_passes.json", metavar="FILE.json", help="where the chosen pipeline goes (default: graphopt_passes.json)")
     p.add_argument("--plot", metavar="FILE.png", help="also plot the measured frontier (needs matplotlib)")
+    p.add_argument(
+        "--peers",
+        metavar="A,B",
+        default="",
+        help=f"peers to time beside the choice after the search: {','.join(PEERS)}, or all (default: none)",
+    )
     p.add_argument("--sentences", type=_positive_int, default=96, help="text models: real sentences to calibrate on (default: 96)")
     p.add_argument("--batch", type=_positive_int, default=32, help="text models: sentences per batch, padded to the longest (default: 32)")
     p.set_defaults(run=cmd_tune)

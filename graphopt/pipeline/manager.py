@@ -146,6 +146,9 @@ class PassManager:
         check_ir: check the canonical IR's guarantees (:mod:`graphopt.ir.spec`) on the input graph
             and after every applied pass, raising :class:`graphopt.ir.spec.IRSpecError` at the first
             pass that breaks them; None: when the ``GRAPHOPT_CHECK_IR`` environment variable is set.
+        count_flops: record each pass's FLOPs before and after in the report (a count propagates the
+            example's shapes through the graph); the auto search, which builds hundreds of
+            pipelines and times them instead, turns it off (the records then say 0).
     """
 
     def __init__(
@@ -157,6 +160,7 @@ class PassManager:
         log: Callable[[str], None] | None = None,
         observers: Sequence[Observer] = (),
         check_ir: bool | None = None,
+        count_flops: bool = True,
     ):
         if isinstance(passes, (str, Pass)) or (isinstance(passes, type) and issubclass(passes, Pass)):
             passes = [passes]  # one pass, not the characters of its name
@@ -166,6 +170,7 @@ class PassManager:
         self.strict = strict
         self.log = log or (lambda msg: None)
         self.observers = list(observers)
+        self.count_flops = count_flops
 
     def run(
         self,
@@ -186,7 +191,8 @@ class PassManager:
         if self.check_ir:
             check_ir(gm, "captured", where="given to the pass manager")
         original = run_graph(gm, args, kwargs)
-        count_flops(gm, args, kwargs)  # records the example's data-dependent sizes, if any
+        if self.count_flops:
+            count_flops(gm, args, kwargs)  # records the example's data-dependent sizes, if any
         current, reference = gm, original
         compared = _Compared()
         state: dict[str, Any] = {"calibration": list(calibration)}
@@ -254,7 +260,7 @@ class PassManager:
             status=NOT_APPLICABLE,
             nodes_before=_op_count(gm),
             param_bytes_before=param_bytes(gm),
-            flops_before=count_flops(gm),
+            flops_before=count_flops(gm) if self.count_flops else 0,
         )
         record.nodes_after, record.param_bytes_after, record.flops_after = record.nodes_before, record.param_bytes_before, record.flops_before
         report.records.append(record)
@@ -304,7 +310,8 @@ class PassManager:
             check_ir(work, "canonicalized" if canonical else "captured", where=f"after {p.name}")
         record.status, record.reason, record.output_masks = APPLIED, result.message, declare
         record.seconds = time.perf_counter() - start
-        record.nodes_after, record.param_bytes_after, record.flops_after = _op_count(work), param_bytes(work), count_flops(work, args, kwargs)
+        record.nodes_after, record.param_bytes_after = _op_count(work), param_bytes(work)
+        record.flops_after = count_flops(work, args, kwargs) if self.count_flops else 0
         self.log(f"[{p.name}] applied ({record.nodes_before} -> {record.nodes_after} ops)")
         return work, outputs, narrowed
 

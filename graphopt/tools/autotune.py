@@ -1,49 +1,63 @@
 """``passes="auto"``: the approximate passes and per-layer settings that run fastest within a budget.
 
-Every approximate pass has settings per layer (int8 or fp32 for each linear, a keep ratio after each
-attention), and the best combination depends on the model, the data and the machine. :func:`tune`
-measures instead of guessing, on the graph captured once (each candidate is a pipeline run on it):
+Every approximate pass has settings per layer (int8, bf16 or fp32 for each linear, a keep ratio
+after each attention, linear attention or not), and the best combination depends on the model, the
+data and the machine. :func:`tune` measures instead of guessing, on the graph captured once (each
+candidate is a pipeline run on it):
 
 1. **Baseline.** The exact passes (:func:`~graphopt.pipeline.pass_base.default_pass_names`) are
    always on; their graph is the baseline every time and fidelity is compared with, and fidelity is
    measured against the original model's outputs.
-2. **Knobs, measured one at a time.** A knob is one family's setting at one layer:
+2. **Knobs, measured one at a time.** A knob is one family's setting at one *slot*; the knobs of a
+   slot exclude each other:
 
-   * ``quantize_int8`` on one linear (graph order), without the pass's own speed check and fallback:
-     the search does both, by measurement;
-   * ``prune_tokens`` after one attention, at each ratio of ``keep_ratios``.
+   * a linear (graph order) runs in one precision: ``quantize_int8``; ``smooth_quant`` (SmoothQuant's
+     exact migration, then int8; tried only on the third of the linears where int8 alone loses the
+     most); or ``cast_bf16`` (the pass's own check leaves the family out without native bf16);
+   * after an attention, one token reduction: ``prune_tokens`` at each of ``keep_ratios``, or
+     ``merge_tokens`` at each of ``merge_r``. The two passes do not combine in one graph, so only
+     the family that saves more within the budget (predicted) goes on to the frontier;
+   * an attention becomes ``attention_to_linear`` (asked for by name: it trains in every build).
 
-   A knob's *loss* is ``1 - fidelity`` (the budget's measure, e.g. the mean cosine of the outputs)
-   of the baseline plus that knob alone, on the calibration inputs. Its *gain* is the time it saves,
-   timed beside the baseline (rounds interleaved, medians). A single linear moves the model's time by
-   about one per cent, below the timing noise, so linears are timed in groups of the same weight
-   shape (the same GEMM) and a group's saving is shared equally; a group that is no faster in int8
-   on this machine leaves its linears out, so the choice is never slower than fp32.
-3. **Order: a greedy multiple-choice knapsack.** At each layer the options are exclusive (one keep
-   ratio per attention); the steps along the upper convex hull of (loss, gain) from "off" are, from
-   every layer together, sorted by gain per loss. Losses of different layers add up to first order.
+   The passes run without their own speed checks, budgets and fallbacks: the search does those by
+   measurement. A knob's *loss* is ``1 - fidelity`` (the budget's measure, e.g. the mean cosine of
+   the outputs) of the baseline plus that knob alone, on the calibration inputs. Its *gain* is the
+   time it saves, timed beside the baseline (rounds interleaved, medians). A single linear moves the
+   model's time by about one per cent, below the timing noise, so linears are timed in groups of the
+   same weight shape (the same GEMM) and precision, and a group's saving is shared equally;
+   SmoothQuant's scales are absorbed by the int8 op, so its gain is int8's. Other knobs are timed
+   alone, and only when their loss is within the frontier's reach (4x the budget's allowance). A
+   group or knob that is no faster on this machine is never chosen, so the choice is never slower
+   than fp32.
+3. **Order: a greedy multiple-choice knapsack.** The steps along each slot's upper convex hull of
+   (loss, gain) from "off" are, from every slot together, sorted by gain per loss. Losses of
+   different slots add up to first order.
 4. **Measured frontier.** Prefixes of that order are built and measured for real, fidelity on the
    calibration inputs and time beside the baseline: at predicted losses spread around the budget's
-   allowance, then bisected at the budget's edge. The prefixes within the budget are timed again,
-   all together with twice the rounds (separate comparisons against the baseline differ by up to
-   about 20% at 2 threads), and the fastest one is chosen and
-   checked on the held-out inputs; if it misses there, the next fastest, down to the baseline (the
-   report then says the budget holds for the exact passes only).
+   allowance (:data:`PROBES`), then bisected at the budget's edge. The prefixes within the budget
+   are timed again, all together with twice the rounds (separate comparisons against the baseline
+   differ by up to about 20% at 2 threads), and the fastest one is chosen and checked on the
+   held-out inputs; if it misses there, the next fastest, down to the baseline (the report then
+   says the budget holds for the exact passes only).
 5. **Cache.** Knob measurements are stored in ``cache_dir()/autotune/<key>.json``; the key hashes the
    baseline graph's code and weights, the calibration inputs, the CPU, the torch version, the
-   budget's metric and the options (not the threshold), so a second search on the same model and
-   machine, for the same budget or another, measures only its frontier.
+   budget's metric and the timing options (not the threshold, nor the families: entries are per
+   knob), so a second search on the same model and machine, for the same budget or another,
+   measures only its frontier.
+6. **Peers** (``peers=``): after the search, eager, inductor, torchao int8 and onnxruntime
+   (:mod:`graphopt.tools.peers`) are measured on the same inputs and timed beside the exact
+   passes and the choice, so the report puts their single points next to the frontier.
 
 The choice is a pass list (:func:`~graphopt.pipeline.pass_base.pass_spec` dicts) that
 ``optimize(passes=...)`` accepts as is or from the file :meth:`TuneResult.save` writes, so it is
-reproduced without searching again. Families not searched yet: attention rewrites (their zero-shot
-fidelity needs recovery), token merging, bf16 (slower than fp32 without native bf16).
+reproduced without searching again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -62,29 +76,54 @@ from graphopt.ops.platform import cpu_capabilities
 from graphopt.pipeline.manager import PassManager
 from graphopt.pipeline.pass_base import default_pass_names, make_pass, pass_spec
 from graphopt.pipeline.report import APPLIED
-from graphopt.frontends.capture import normalize_args, normalize_batches
+from graphopt.frontends.capture import graph_dynamic_shapes, normalize_args, normalize_batches
+from graphopt.tools import peers as peer_builders
+from graphopt.tools.peers import PEERS, PeerUnavailable
 from graphopt.pipeline.verify import Budget, Exact, flat_outputs
 
 __all__ = ["FAMILIES", "FrontierPoint", "Knob", "TuneResult", "load_config", "tune"]
 
-FAMILIES = ("quantize_int8", "prune_tokens")
-"""The approximate families :func:`tune` searches, in the order they are measured."""
+LINEAR_FAMILIES = ("quantize_int8", "smooth_quant", "cast_bf16")
+"""One choice per linear: int8, SmoothQuant-migrated int8, or bf16 (else fp32)."""
+TOKEN_FAMILIES = ("prune_tokens", "merge_tokens")
+"""One choice per attention: a keep ratio, or a number of tokens merged (else all tokens go on)."""
+FAMILIES = (*LINEAR_FAMILIES, *TOKEN_FAMILIES, "attention_to_linear")
+"""The approximate families :func:`tune` can search, in the order they are measured."""
+DEFAULT_FAMILIES = FAMILIES[:-1]
+"""The families searched by default: ``attention_to_linear`` trains each converted layer's feature
+map (about 25 s per layer for MiniLM on 2 cores) in every build that has it, so it is asked for by name."""
 
 CONFIG_FORMAT = "graphopt.passes/1"
+PROBES = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0)
+"""The frontier's probes: prefixes at these multiples of the budget's allowance (``1 - threshold``)."""
 
 
 @dataclass(frozen=True)
 class Knob:
-    """One family's setting at one layer: ``quantize_int8`` on linear ``layer`` (``value`` True), or
-    ``prune_tokens`` after attention ``layer`` keeping ``value`` of the tokens."""
+    """One family's setting at one layer: a linear family on linear ``layer`` (graph order), a token
+    family after attention ``layer`` (``value``: the keep ratio, or the tokens merged per sequence),
+    or ``attention_to_linear`` on attention ``layer``."""
 
     family: str
     layer: int
     value: Any = True
 
     @property
+    def slot(self) -> tuple[str, int]:
+        """The knobs of one slot exclude each other (a linear runs in one precision)."""
+        kind = "linear" if self.family in LINEAR_FAMILIES else "tokens" if self.family in TOKEN_FAMILIES else "attention"
+        return kind, self.layer
+
+    @property
     def label(self) -> str:
-        return f"int8 linear {self.layer}" if self.family == "quantize_int8" else f"prune after attention {self.layer} keep {self.value:g}"
+        return {
+            "quantize_int8": f"int8 linear {self.layer}",
+            "smooth_quant": f"smooth+int8 linear {self.layer}",
+            "cast_bf16": f"bf16 linear {self.layer}",
+            "prune_tokens": f"prune after attention {self.layer} keep {self.value:g}",
+            "merge_tokens": f"merge after attention {self.layer} r {self.value}",
+            "attention_to_linear": f"linear attention {self.layer}",
+        }[self.family]
 
 
 @dataclass
@@ -98,6 +137,7 @@ class FrontierPoint:
     speedup: float
     passes: list[dict]
     held_out: float | None = None
+    settings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -107,15 +147,21 @@ class TuneResult:
     Attributes:
         budget: the budget, described.
         passes: the chosen pipeline as :func:`~graphopt.pipeline.pass_base.pass_spec` dicts.
+        settings: the same choice per layer (knob labels such as ``"int8 linear 3"``, in slot order).
         fidelity, held_out: the choice's fidelity on the calibration and held-out inputs (held_out
             None without held-out inputs).
         speedup: its time against the baseline's (the exact passes), measured side by side.
         baseline_ms, latency_ms: the two times (the timing batches, median over rounds).
         frontier: every configuration measured, in order of knobs.
-        knobs: per knob label, its ``loss`` alone and ``gain_ms``.
+        knobs: per knob label, its ``loss`` alone and ``gain_ms`` (None where it was not timed: a
+            loss beyond the frontier's reach).
         notes: what was left out and why (families not applicable, groups no faster, the time limit).
         environment: the CPU and torch version the times belong to.
         seconds: the search's wall time; cached: knobs read from the cache.
+        peers: per peer asked for (``eager``, ``inductor``, ... of :data:`graphopt.tools.peers.PEERS`),
+            and for ``exact passes`` and ``auto`` (the choice), timed together after the search:
+            ``fidelity`` on the calibration inputs, ``latency_ms``, ``vs_exact`` (speed against the
+            exact passes in that same timing).
     """
 
     budget: str
@@ -126,11 +172,13 @@ class TuneResult:
     baseline_ms: float
     latency_ms: float
     frontier: list[FrontierPoint] = field(default_factory=list)
+    settings: list[str] = field(default_factory=list)
     knobs: dict[str, dict[str, float]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     environment: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     cached: int = 0
+    peers: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def config(self) -> dict:
         """The saved form: the pass list with what it was chosen for."""
@@ -160,10 +208,22 @@ class TuneResult:
         headers = ["knobs", "predicted loss", "fidelity", "held out", "ms", "vs exact passes", "chosen"]
         return tabulate(rows, headers=headers, tablefmt="github")
 
+    def peer_table(self) -> str:
+        """The peers' single points beside the choice's, from one side-by-side timing ("" without peers)."""
+        if not self.peers:
+            return ""
+        eager = self.peers.get("eager", {}).get("latency_ms")
+        rows = [
+            [name, f"{p['fidelity']:.6f}", f"{p['latency_ms']:.1f}", f"{p['vs_exact']:.2f}x", f"{eager / p['latency_ms']:.2f}x" if eager else ""]
+            for name, p in sorted(self.peers.items(), key=lambda kv: kv[1]["latency_ms"])
+        ]
+        return tabulate(rows, headers=["", "fidelity", "ms", "vs exact passes", "vs eager"], tablefmt="github", disable_numparse=True)
+
     def summary(self) -> str:
         held = "" if self.held_out is None else f", {self.held_out:.4f} held out"
         lines = [
-            f"budget {self.budget}: {self.speedup:.2f}x the exact passes, fidelity {self.fidelity:.4f}{held} ({self.seconds:.0f} s, {self.cached} knobs cached)"
+            f"budget {self.budget}: {self.speedup:.2f}x the exact passes, fidelity {self.fidelity:.4f}{held} ({self.seconds:.0f} s, {self.cached} knobs cached)",
+            f"chosen: {describe_settings(self.settings) or 'the exact passes only'}",
         ]
         return "\n".join(lines + [f"note: {n}" for n in self.notes])
 
@@ -179,6 +239,9 @@ class TuneResult:
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot([p.fidelity for p in self.frontier], [p.speedup for p in self.frontier], "o-", label="measured frontier")
         ax.plot([self.fidelity], [self.speedup], "r*", markersize=14, label="chosen")
+        for name, peer in self.peers.items():
+            if name not in ("auto", "exact passes"):
+                ax.plot([peer["fidelity"]], [peer["vs_exact"]], "s", label=name)
         ax.set_xlabel("fidelity (calibration inputs)")
         ax.set_ylabel("speed vs the exact passes")
         ax.invert_xaxis()
@@ -187,6 +250,24 @@ class TuneResult:
         fig.savefig(path)
         plt.close(fig)
         return Path(path)
+
+
+def describe_settings(labels: Sequence[str]) -> str:
+    """Knob labels with their layer numbers gathered into ranges: ``int8 linear 0-5, 7; merge after attention 0 r 16``."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for label in labels:
+        head, number, tail = re.match(r"(.*?\s)(\d+)(\s.*|)$", label).groups()
+        groups.setdefault((head, tail), []).append(int(number))
+    parts = []
+    for (head, tail), numbers in groups.items():
+        runs: list[list[int]] = []
+        for n in sorted(numbers):
+            if runs and n == runs[-1][-1] + 1:
+                runs[-1].append(n)
+            else:
+                runs.append([n])
+        parts.append(head + ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 2 else ", ".join(map(str, r)) for r in runs) + tail)
+    return "; ".join(parts)
 
 
 def load_config(path: str | Path) -> list[dict]:
@@ -216,7 +297,7 @@ class _Measurer:
         """The baseline graph with ``specs`` applied; the reasons of passes that did not apply."""
         if not specs:
             return self.base, []
-        manager = PassManager([make_pass(s) for s in specs], verify=False)
+        manager = PassManager([make_pass(s) for s in specs], verify=False, count_flops=False)
         gm, report = manager.run(self.base, self.args, self.kwargs, calibration=[(a, k) for a, k in self.fit])
         wanted = {s["pass"] for s in specs}
         return gm, [f"{r.name}: {r.reason}" for r in report.records if r.name in wanted and r.status != APPLIED]
@@ -233,13 +314,13 @@ class _Measurer:
                         total, rows = total + self.budget.measure(out, r) * n, rows + n
         return total / max(rows, 1)
 
-    def time(self, candidates: dict[str, Callable], rounds: int | None = None) -> dict[str, float]:
+    def time(self, candidates: dict[str, Callable], rounds: int | None = None, warmup: int = 2) -> dict[str, float]:
         """Median milliseconds of each callable over the timing batches, ``rounds`` (default: the
-        search's) interleaved."""
+        search's) interleaved, after ``warmup`` passes each."""
         samples: dict[str, list[float]] = {name: [] for name in candidates}
         with torch.no_grad():
             for fn in candidates.values():  # warm up (first-call allocations, kernels chosen by measurement per shape)
-                for _ in range(2):
+                for _ in range(warmup):
                     for a, k in self.timing:
                         fn(*a, **k)
             for round_ in range(rounds or self.rounds):
@@ -253,16 +334,27 @@ class _Measurer:
 
 
 def _specs(knobs: Sequence[Knob]) -> list[dict]:
-    """The pass specs that apply ``knobs`` on top of the baseline (one pass per family)."""
+    """The pass specs that apply ``knobs`` on top of the baseline (one pass per family).
+
+    Their order keeps every index valid: the token passes leave the linears and attentions in
+    place, bf16 linears and SmoothQuant's scales leave the linears ``find_linears`` counts, and
+    ``attention_to_linear`` (whose feature maps may add linears) comes last. The search's own
+    measurements replace the passes' speed checks and budgets (``min_cosine=0``, no fallback).
+    """
+    layers = {f: sorted((k.layer, k.value) for k in knobs if k.family == f) for f in FAMILIES}
     specs = []
-    cuts = sorted((k.layer, k.value) for k in knobs if k.family == "prune_tokens")
-    if cuts:
-        specs.append(
-            {"pass": "prune_tokens", "options": {"layers": [layer for layer, _ in cuts], "keep_ratio": [ratio for _, ratio in cuts], "min_cosine": 0.0}}
-        )
-    linears = sorted(k.layer for k in knobs if k.family == "quantize_int8")
-    if linears:
-        specs.append({"pass": "quantize_int8", "options": {"layers": linears, "min_cosine": 0.0, "require_speedup": False, "fallback": False}})
+    if cuts := layers["prune_tokens"]:
+        specs.append({"pass": "prune_tokens", "options": {"layers": [i for i, _ in cuts], "keep_ratio": [v for _, v in cuts], "min_cosine": 0.0}})
+    if merges := layers["merge_tokens"]:
+        specs.append({"pass": "merge_tokens", "options": {"layers": [i for i, _ in merges], "r": [v for _, v in merges], "min_cosine": 0.0}})
+    if bf16 := layers["cast_bf16"]:
+        specs.append({"pass": "cast_bf16", "options": {"layers": [i for i, _ in bf16], "attention": False, "min_cosine": 0.0}})
+    if smooth := layers["smooth_quant"]:
+        specs.append({"pass": "smooth_quant", "options": {"layers": [i for i, _ in smooth], "where_int8_pays": False}})
+    if int8 := sorted(i for i, _ in layers["quantize_int8"] + smooth):
+        specs.append({"pass": "quantize_int8", "options": {"layers": int8, "min_cosine": 0.0, "require_speedup": False, "fallback": False}})
+    if linear_attention := layers["attention_to_linear"]:
+        specs.append({"pass": "attention_to_linear", "options": {"layers": [i for i, _ in linear_attention], "min_cosine": 0.0, "fallback": False}})
     return [pass_spec(make_pass(s)) for s in specs]  # canonical: the options that differ from the defaults
 
 
@@ -283,23 +375,66 @@ def _hull_steps(options: list[tuple[Knob, float, float]]) -> list[tuple[Knob, fl
 
 
 def _order(measured: dict[Knob, tuple[float, float]]) -> list[tuple[Knob, float, float]]:
-    """All layers' hull steps in order of gain per loss (a later step of a layer replaces its earlier knob)."""
-    by_layer: dict[tuple[str, int], list] = {}
+    """All slots' hull steps in order of gain per loss (a later step of a slot replaces its earlier knob)."""
+    by_slot: dict[tuple[str, int], list] = {}
     for knob, (loss, gain) in measured.items():
-        by_layer.setdefault((knob.family, knob.layer), []).append((knob, loss, gain))
-    steps = [step for options in by_layer.values() for step in _hull_steps(options)]
-    return sorted(steps, key=lambda s: (-(s[2] / max(s[1], 1e-9)), s[0].family, s[0].layer))
+        by_slot.setdefault(knob.slot, []).append((knob, loss, gain))
+    steps = [step for options in by_slot.values() for step in _hull_steps(options)]
+    return sorted(steps, key=lambda s: (-(s[2] / max(s[1], 1e-9)), s[0].slot, s[0].family))
 
 
 def _prefix(order: list[tuple[Knob, float, float]], count: int) -> tuple[list[Knob], float]:
-    """The knobs after the first ``count`` steps (the last step per layer wins) and their predicted loss."""
+    """The knobs after the first ``count`` steps (the last step per slot wins) and their predicted loss."""
     chosen: dict[tuple[str, int], Knob] = {}
     for knob, _, _ in order[:count]:
-        chosen[(knob.family, knob.layer)] = knob
+        chosen[knob.slot] = knob
     return list(chosen.values()), sum(loss for _, loss, _ in order[:count])
 
 
+def _saved_within(order: list[tuple[Knob, float, float]], allowance: float) -> float:
+    """The predicted time saved by the longest prefix of ``order`` within ``allowance``."""
+    loss = saved = 0.0
+    for _, step_loss, step_gain in order:
+        if loss + step_loss > allowance:
+            break
+        loss, saved = loss + step_loss, saved + step_gain
+    return saved
+
+
 # ----------------------------------------------------------------------------- the search
+
+
+def _peer_points(names, model, measurer: _Measurer, chosen: GraphModule, choice: FrontierPoint, notes: list[str], rounds: int, say) -> dict[str, dict]:
+    """Each peer's fidelity and time beside the exact passes and the choice, timed together."""
+    candidates: dict[str, Callable] = {"exact passes": measurer.base, "auto": chosen}
+    start = time.perf_counter()
+    fidelity = {"exact passes": measurer.fidelity(measurer.base), "auto": choice.fidelity}
+    base_seconds = time.perf_counter() - start
+    slow: dict[str, Callable] = {}
+    for name in names:
+        say(f"peer {name}: building")
+        try:
+            fn = peer_builders.build(name, model, measurer.args, measurer.kwargs, graph_dynamic_shapes(measurer.base))
+            fidelity[name] = measurer.fidelity(fn)  # compiled peers compile here, on first call
+            start = time.perf_counter()
+            measurer.fidelity(fn)
+            seconds = time.perf_counter() - start
+        except PeerUnavailable as exc:
+            notes.append(f"peer {name} left out: {exc}")
+            continue
+        except Exception as exc:  # a peer failing on this model is reported, not raised
+            notes.append(f"peer {name} left out: {type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}")
+            continue
+        if seconds > 5 * base_seconds:  # e.g. torchao's int8 on a CPU without VNNI: one round tells
+            slow[name] = fn
+            notes.append(f"peer {name}: {seconds / base_seconds:.0f}x the exact passes' time, timed in one round")
+        else:
+            candidates[name] = fn
+    times = measurer.time(candidates, rounds=rounds)
+    for name, fn in slow.items():
+        pair = measurer.time({"exact passes": measurer.base, name: fn}, rounds=1, warmup=0)
+        times[name] = pair[name] * times["exact passes"] / pair["exact passes"]  # on the joint timing's scale
+    return {name: {"fidelity": fidelity[name], "latency_ms": ms, "vs_exact": times["exact passes"] / ms} for name, ms in times.items()}
 
 
 def _digest(*parts: Any) -> str:
@@ -333,12 +468,14 @@ def tune(
     calibration: Sequence[Any] = (),
     holdout: Sequence[Any] | None = None,
     example_kwargs: dict | None = None,
-    families: Sequence[str] = FAMILIES,
+    families: Sequence[str] = DEFAULT_FAMILIES,
     keep_ratios: Sequence[float] = (0.9, 0.7, 0.5),
+    merge_r: Sequence[int] = (4, 8, 16),
     time_limit: float = 600.0,
     rounds: int = 5,
     timing_batches: int = 2,
     cache: bool = True,
+    peers: Sequence[str] = (),
     seed: int = 0,
     log: Callable[[str], None] | None = None,
 ) -> TuneResult:
@@ -354,12 +491,18 @@ def tune(
             tensors, or ``(args, kwargs)`` pairs); the example inputs when empty.
         holdout: inputs the choice is checked on and never chosen with; None: every third
             calibration batch is held out (when there are at least three).
-        families: the approximate passes to search (:data:`FAMILIES`).
-        keep_ratios: the keep ratios tried after each attention.
+        families: the approximate passes to search (of :data:`FAMILIES`; default
+            :data:`DEFAULT_FAMILIES`). A family that does not apply (``cast_bf16`` without native
+            bf16) is left out with its reason in ``notes``.
+        keep_ratios: the keep ratios ``prune_tokens`` tries after each attention.
+        merge_r: the tokens per sequence ``merge_tokens`` tries merging after each attention.
         time_limit: seconds; knobs still unmeasured when 60% of it is spent are left out and the
             frontier stops at 90% (both said in ``notes``).
         rounds: timing rounds per comparison; timing_batches: calibration batches per timed round.
         cache: read and write knob measurements under ``cache_dir()/autotune``.
+        peers: peers (:data:`graphopt.tools.peers.PEERS`) to measure beside the choice after the
+            search, outside its time limit; one that cannot be built here is left out with its
+            reason in ``notes``.
         seed: seeds torch's generator for the search (pass calibration draws no randomness of its own).
         log: progress messages.
 
@@ -370,6 +513,9 @@ def tune(
 
     if isinstance(budget, Exact) or not hasattr(budget, "threshold"):
         raise ValueError(f"passes='auto' needs an approximate budget such as MinCosine(0.995) or MinAgreement(0.99), not {budget!r}")
+    unknown_peers = [p for p in peers if p not in PEERS]
+    if unknown_peers:
+        raise ValueError(f"unknown peers {unknown_peers}; the peers are {list(PEERS)}")
     unknown = [f for f in families if f not in FAMILIES]
     if unknown:
         raise ValueError(f"unknown families {unknown}; the search knows {list(FAMILIES)}")
@@ -400,8 +546,6 @@ def tune(
         [list(a) + sorted(k.items()) for a, k in fit + held],
         environment,
         budget.metric,
-        list(families),
-        list(keep_ratios),
         rounds,
         timing_batches,
     )
@@ -419,80 +563,125 @@ def tune(
             cache_file.parent.mkdir(parents=True, exist_ok=True)
             cache_file.write_text(json.dumps(stored, indent=1))
 
-    # -- knobs, one at a time
-    knobs: list[Knob] = []
+    # -- knobs, one at a time: the loss of each; the gain where it can matter
+    allowance = 1.0 - float(budget.threshold)
+    reach = PROBES[-1] * allowance
+    linears = find_linears(base)
+    attentions = sum(1 for n in base.graph.nodes if is_op(n, aten.scaled_dot_product_attention.default) or packed_attention(n))
     groups: dict[str, list[int]] = {}
-    if "quantize_int8" in families:
-        for i, lin in enumerate(find_linears(base)):
-            shape = tuple(val_of(lin.weight_node).shape)
-            groups.setdefault("x".join(map(str, shape[::-1] if lin.transposed else shape)), []).append(i)
-            knobs.append(Knob("quantize_int8", i))
-    if "prune_tokens" in families:
-        attentions = sum(1 for n in base.graph.nodes if is_op(n, aten.scaled_dot_product_attention.default) or packed_attention(n))
-        knobs += [Knob("prune_tokens", layer, ratio) for layer in range(attentions) for ratio in keep_ratios]
-        if not attentions:
-            notes.append("prune_tokens left out: no attention in the graph")
-    if "quantize_int8" in families and not groups:
-        notes.append("quantize_int8 left out: no linear in the graph")
+    for i, lin in enumerate(linears):
+        shape = tuple(val_of(lin.weight_node).shape)
+        groups.setdefault("x".join(map(str, shape[::-1] if lin.transposed else shape)), []).append(i)
+    knobs: list[Knob] = []
+    for family in families:
+        if family in ("quantize_int8", "cast_bf16"):
+            knobs += [Knob(family, i) for i in range(len(linears))]
+        elif family == "prune_tokens":
+            knobs += [Knob(family, layer, ratio) for layer in range(attentions) for ratio in keep_ratios]
+        elif family == "merge_tokens":
+            knobs += [Knob(family, layer, r) for layer in range(attentions) for r in merge_r]
+        elif family == "attention_to_linear":
+            knobs += [Knob(family, layer) for layer in range(attentions)]
+        if family in LINEAR_FAMILIES and not linears:
+            notes.append(f"{family} left out: no linear in the graph")
+        elif family not in LINEAR_FAMILIES and not attentions:
+            notes.append(f"{family} left out: no attention in the graph")
 
-    measured: dict[Knob, tuple[float, float]] = {}
     losses: dict[Knob, float] = {}
     skipped_families: set[str] = set()
-    for knob in knobs:
+
+    def measure(knob: Knob) -> None:
+        """The knob's loss, and for a knob timed alone (not a linear) its gain when the loss is
+        within ``reach`` (the frontier's widest probe; a later search with a wider budget times the rest)."""
+        nonlocal cached
         if knob.family in skipped_families:
-            continue
-        entry = stored.get(knob.label)
-        if entry is not None and "loss" in entry:
+            return
+        entry = stored.get(knob.label, {})
+        timed_alone = knob.family not in LINEAR_FAMILIES
+        wants_gain = timed_alone and entry.get("loss", 1.0) <= reach and "gain_ms" not in entry
+        if "loss" in entry and not wants_gain:
             losses[knob] = entry["loss"]
             cached += 1
-            continue
+            return
         if time.perf_counter() > started + 0.6 * time_limit:
-            notes.append(f"time limit: {sum(1 for k in knobs if k not in losses and k.family not in skipped_families)} knobs not measured")
-            break
+            raise TimeoutError
         gm, reasons = measurer.build(_specs([knob]))
         if reasons:
             skipped_families.add(knob.family)
             notes.append(f"{knob.family} left out: {reasons[0]}")
-            continue
-        losses[knob] = 1.0 - measurer.fidelity(gm)
+            return
         entry = stored.setdefault(knob.label, {})
-        entry["loss"] = losses[knob]
-        if knob.family == "prune_tokens":
+        if "loss" not in entry:
+            entry["loss"] = 1.0 - measurer.fidelity(gm)
+        losses[knob] = entry["loss"]
+        if timed_alone and entry["loss"] <= reach:
             times = measurer.time({"baseline": base, "knob": gm})
             entry["gain_ms"] = times["baseline"] - times["knob"]
         say(f"{knob.label}: loss {losses[knob]:.2e}" + (f", saves {entry['gain_ms']:.1f} ms" if "gain_ms" in entry else ""))
         save_cache()
 
-    # -- linears: time saved per same-shape group, shared equally
-    for shape, members in groups.items():
-        group_key = f"int8 group {shape}"
-        present = [Knob("quantize_int8", i) for i in members if Knob("quantize_int8", i) in losses]
-        if not present:
-            continue
-        if group_key not in stored:
-            if time.perf_counter() > started + 0.6 * time_limit:
-                notes.append(f"time limit: int8 group {shape} not timed")
+    def smooth_knobs() -> list[Knob]:
+        """SmoothQuant only where int8 costs the most: the third of the linears with the largest int8
+        losses (at least one). Its scales are absorbed by the int8 op, so its gain is int8's."""
+        if "smooth_quant" not in families or "quantize_int8" not in families:
+            return []
+        int8 = sorted(((loss, k.layer) for k, loss in losses.items() if k.family == "quantize_int8" and loss > 0), reverse=True)
+        return [Knob("smooth_quant", layer) for _, layer in int8[: max(1, len(int8) // 3)]]
+
+    try:
+        for knob in knobs:
+            measure(knob)
+        for knob in smooth_knobs():
+            measure(knob)
+    except TimeoutError:
+        notes.append(f"time limit: knobs measured until 60% of {time_limit:.0f} s, the rest left out")
+
+    # -- linears: the time saved per same-shape group and precision, shared equally
+    for family in ("quantize_int8", "cast_bf16"):
+        for shape, members in groups.items():
+            group_key = f"{family} group {shape}"
+            present = [Knob(family, i) for i in members if Knob(family, i) in losses]
+            if not present:
                 continue
-            gm, _ = measurer.build(_specs(present))
-            times = measurer.time({"baseline": base, "group": gm})
-            stored[group_key] = {"gain_ms": times["baseline"] - times["group"], "members": len(present)}
-            save_cache()
-        else:
-            cached += 1
-        gain = stored[group_key]["gain_ms"] / stored[group_key]["members"]
-        if gain <= 0:
-            notes.append(f"int8 is no faster than fp32 for the {shape} linears on {caps.describe()}: left fp32")
-        for knob in present:
-            stored[knob.label]["gain_ms"] = gain
+            if group_key not in stored:
+                if time.perf_counter() > started + 0.6 * time_limit:
+                    notes.append(f"time limit: {family} group {shape} not timed")
+                    continue
+                gm, _ = measurer.build(_specs(present))
+                times = measurer.time({"baseline": base, "group": gm})
+                stored[group_key] = {"gain_ms": times["baseline"] - times["group"], "members": len(present)}
+                save_cache()
+            else:
+                cached += 1
+            gain = stored[group_key]["gain_ms"] / stored[group_key]["members"]
+            if gain <= 0:
+                notes.append(f"{family} is no faster than fp32 for the {shape} linears on {caps.describe()}: left fp32")
+            for knob in present:
+                stored[knob.label]["gain_ms"] = gain
+                if family == "quantize_int8" and Knob("smooth_quant", knob.layer) in losses:
+                    stored[Knob("smooth_quant", knob.layer).label]["gain_ms"] = gain  # the int8 op absorbs the scales
+    measured: dict[Knob, tuple[float, float]] = {}
     for knob, loss in losses.items():
         gain = stored.get(knob.label, {}).get("gain_ms")
         if gain is not None:
             measured[knob] = (loss, gain)
     save_cache()
+    # pruning and merging do not combine in one graph (the second reads the packed layout the first
+    # left): keep the family that saves more within the budget on its own
+    by_family = {f: {k: v for k, v in measured.items() if k.family == f} for f in TOKEN_FAMILIES}
+    if all(by_family.values()):
+        saved = {f: _saved_within(_order(m), allowance) for f, m in by_family.items()}
+        kept = max(TOKEN_FAMILIES, key=lambda f: saved[f])
+        for family in TOKEN_FAMILIES:
+            if family != kept:
+                measured = {k: v for k, v in measured.items() if k.family != family}
+                notes.append(
+                    f"{family} left out: it does not combine with {kept} in one graph, which saves more within the budget"
+                    f" ({saved[kept]:.1f} ms against {saved[family]:.1f} ms predicted)"
+                )
 
     # -- the measured frontier over prefixes of the greedy order
     order = _order(measured)
-    allowance = 1.0 - float(budget.threshold)
     cumulative = [0.0]
     for _, loss, _ in order:
         cumulative.append(cumulative[-1] + loss)
@@ -506,7 +695,8 @@ def tune(
             gm, _ = measurer.build(_specs(chosen))
             times = measurer.time({"baseline": base, "candidate": gm} if chosen else {"baseline": base})
             times.setdefault("candidate", times["baseline"])
-            point = FrontierPoint(count, predicted, measurer.fidelity(gm), times["candidate"], times["baseline"] / times["candidate"], specs)
+            settings = [k.label for k in sorted(chosen, key=lambda k: k.slot)]
+            point = FrontierPoint(count, predicted, measurer.fidelity(gm), times["candidate"], times["baseline"] / times["candidate"], specs, settings=settings)
             frontier[count], graphs[count] = point, gm
             say(f"{count} knobs: fidelity {point.fidelity:.4f} (predicted {1 - predicted:.4f}), {point.speedup:.2f}x")
         return frontier[count]
@@ -515,7 +705,7 @@ def tune(
         return max(i for i, c in enumerate(cumulative) if c <= loss) if order else 0
 
     measure_prefix(0)
-    targets = sorted({count_at(f * allowance) for f in (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0)} | {len(order)})
+    targets = sorted({count_at(f * allowance) for f in PROBES} | {len(order)})
     for count in targets:
         if time.perf_counter() > started + 0.9 * time_limit:
             notes.append("time limit: the frontier was cut short")
@@ -557,6 +747,7 @@ def tune(
         notes.append(f"no approximate setting fits {budget.describe()}: the exact passes only")
     if not held:
         notes.append("no held-out inputs (fewer than three calibration batches): the choice is checked on calibration only")
+    peer_points = _peer_points(peers, model, measurer, graphs[choice.knobs], choice, notes, 2 * rounds, say) if peers else {}
     result = TuneResult(
         budget=budget.describe(),
         passes=choice.passes,
@@ -566,11 +757,13 @@ def tune(
         baseline_ms=choice.latency_ms * choice.speedup,
         latency_ms=choice.latency_ms,
         frontier=points,
-        knobs={k.label: {"loss": loss, "gain_ms": gain} for k, (loss, gain) in measured.items()},
+        settings=choice.settings,
+        knobs={k.label: {"loss": loss, "gain_ms": stored.get(k.label, {}).get("gain_ms")} for k, loss in losses.items()},
         notes=notes,
         environment=environment,
         seconds=time.perf_counter() - started,
         cached=cached,
+        peers=peer_points,
     )
     say(result.summary())
     return result

@@ -340,6 +340,7 @@ ERRORS = [  # (arguments, exit status, what the one line says); {f} is the facto
     (["tune", "zoo:convnet-bn", "--budget", "cos=1.5", "-q"], 2, "--budget must look like cos=0.995 or top1=0.99"),
     (["tune", "zoo:convnet-bn", "--time-limit", "soon", "-q"], 2, "--time-limit must look like 10m, 90s or 600, got 'soon'"),
     (["tune", "zoo:convnet-bn", "--out", "{f}/nowhere/x.json", "-q"], 2, "--out {f}/nowhere/x.json: directory {f}/nowhere does not exist"),
+    (["tune", "zoo:convnet-bn", "--peers", "eager,tensorrt", "-q"], 2, "--peers: unknown tensorrt; the peers are eager, inductor"),
     (["optimize", "zoo:convnet-bn", "--passes", "{f}/bad_config/config.json", "-q"], 2, "{f}/bad_config/config.json is not a graphopt pass configuration"),
 ]
 
@@ -371,18 +372,21 @@ ERROR_IDS = [
     "tune-budget-range",
     "tune-time-limit",
     "tune-out-folder",
+    "tune-unknown-peer",
     "passes-file-not-a-config",
 ]
 
 
 def test_tune_writes_a_pipeline_that_optimize_reproduces(tmp_path, factories, graphopt_main):
     out = tmp_path / "gated.json"
-    result = ok(graphopt_main("tune", f"{factories}/models.py:gated", "--budget", "cos=0.99", "--time-limit", "2m", "--out", out, "-q"))
+    result = ok(graphopt_main("tune", f"{factories}/models.py:gated", "--budget", "cos=0.99", "--time-limit", "2m", "--out", out, "--peers", "eager", "-q"))
     assert "vs exact passes" in result.stdout and f"wrote {out}" in result.stdout
+    assert "vs eager" in result.stdout and "chosen: " in result.stdout  # the peers' table, the choice per layer
     saved = load_config(out)
     assert [s["pass"] for s in saved][:1] == ["canonicalize"]
     # no attention: nothing to prune, and the report says so
-    assert "prune_tokens left out: no attention in the graph" in result.stdout
+    for family in ("prune_tokens", "merge_tokens"):
+        assert f"{family} left out: no attention in the graph" in result.stdout
     again = ok(graphopt_main("optimize", f"{factories}/models.py:gated", "--passes", out, "-q"))
     for spec in saved:
         assert spec["pass"] in again.stdout

@@ -22,10 +22,20 @@ def test_linears_run_in_bf16_and_everything_else_in_fp32():
     assert opt.report.record("cast_bf16").stats == {"linears": 3, "attention_matmuls": 0}
 
 
+def test_chosen_linears_only():
+    opt = assert_applies(CastBF16(require_native=False, attention=False, layers=[1]), block(), (tokens(),))
+    gm = opt.graph_module
+    dtypes = [ir.get_tensor(gm, n.args[1]).dtype for n in ir.op_nodes(gm, ir.aten.linear)]
+    assert dtypes == [torch.float32, torch.bfloat16, torch.float32]
+    assert opt.report.record("cast_bf16").stats == {"linears": 1, "attention_matmuls": 0}
+
+
 def test_minilm_attention_in_bf16_keeps_cosine_above_0_9999():
     entry = zoo.load("minilm")
     ids, mask = zoo.tokenize(entry.tokenizer, zoo.real_sentences(32))
-    opt = graphopt.optimize(entry.model, ["canonicalize", "remove_padding", CastBF16(require_native=False)], entry.example_inputs, dynamic_shapes=entry.dynamic_shapes)
+    opt = graphopt.optimize(
+        entry.model, ["canonicalize", "remove_padding", CastBF16(require_native=False)], entry.example_inputs, dynamic_shapes=entry.dynamic_shapes
+    )
     assert opt.report.record("cast_bf16").status == APPLIED and opt.report.record("cast_bf16").stats["attention_matmuls"] == 6
     with torch.no_grad():
         assert zoo.cosine_similarity_rows(opt(ids, mask), entry.model(ids, mask)).min() > 0.9999

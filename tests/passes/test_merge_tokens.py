@@ -91,9 +91,19 @@ def test_not_applicable_to_a_causal_decoder():
     assert record.status == NOT_APPLICABLE
 
 
+def test_an_r_per_layer():
+    model, (ids, mask) = tiny_embedder(), padded_batch()
+    record = _optimize(model, (ids, mask), r=[3, 1], layers=[0, 2]).report.record("merge_tokens")
+    assert record.status == APPLIED, record.reason
+    # 24 -> 21 (r 3) -> 21 -> 20 (r 1); 17 -> 14 -> 14 -> 13; 9 -> 6 -> 6 -> 5
+    assert record.stats["r"] == [3, 1] and record.stats["tokens"] == [50, 41, 38]
+
+
 def test_options_are_checked():
     with pytest.raises(ValueError, match="r must be"):
         MergeTokens(r=0)
+    with pytest.raises(ValueError, match="an r per layer"):
+        MergeTokens(r=(2, 3), layers=(1,))
 
 
 def test_merged_graph_exports_saves_and_loads(tmp_path):

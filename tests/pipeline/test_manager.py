@@ -126,6 +126,15 @@ def test_records_flops_and_param_bytes(tiny_mlp):
     assert "double_relu_for_tests" in text and "applied" in text
 
 
+def test_flop_counts_can_be_turned_off_without_changing_the_graph(tiny_mlp):
+    model, args = tiny_mlp
+    gm = graphopt.capture(model, args)
+    counted, _ = PassManager([SwapReluForGelu()], verify=False).run(gm, args)
+    lean, report = PassManager([SwapReluForGelu()], verify=False, count_flops=False).run(gm, args)
+    assert report.records[0].status == APPLIED and report.records[0].flops_before == report.records[0].flops_after == 0
+    assert lean.code == counted.code and report.records[0].param_bytes_after > 0
+
+
 def test_observers_see_every_pass(tiny_mlp):
     model, args = tiny_mlp
     seen = []
