@@ -95,6 +95,12 @@ class Budget:
     def measure(self, out: torch.Tensor, ref: torch.Tensor) -> float:
         raise NotImplementedError
 
+    def rows(self, out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        """The measure per row (along the last dimension), whose mean is :meth:`measure`; by
+        default the measure repeated once per row, for budgets that only have a whole-tensor value."""
+        count = max(1, out.numel() // max(1, out.shape[-1])) if out.dim() else 1
+        return torch.full((count,), self.measure(out, ref), dtype=torch.float64)
+
     def within(self, value: float) -> bool:
         raise NotImplementedError
 
@@ -132,6 +138,9 @@ class MinCosine(Budget):
     def measure(self, out, ref):
         return row_cosines(out, ref).mean().item()
 
+    def rows(self, out, ref):
+        return row_cosines(out, ref).reshape(-1)
+
     def within(self, value):
         return value >= self.threshold
 
@@ -151,7 +160,10 @@ class MinAgreement(Budget):
     metric = "top-1 agreement"
 
     def measure(self, out, ref):
-        return out.argmax(-1).eq(ref.argmax(-1)).float().mean().item()
+        return self.rows(out, ref).mean().item()
+
+    def rows(self, out, ref):
+        return out.argmax(-1).eq(ref.argmax(-1)).double().reshape(-1)
 
     def within(self, value):
         return value >= self.threshold

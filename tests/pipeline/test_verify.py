@@ -84,3 +84,11 @@ def test_min_agreement_counts_rows_whose_top_class_matches():
     assert budget.measure(out, ref) == pytest.approx(0.75)
     assert budget.within(0.75) and not MinAgreement(0.8).within(budget.measure(out, ref))
     assert budget.worst([0.9, 0.75]) == 0.75 and "top-1 agreement >= 0.75" in budget.describe()
+
+
+def test_budget_rows_average_to_the_measure():
+    out, ref = torch.randn(3, 5, 8), torch.randn(3, 5, 8)
+    for budget in (MinCosine(0.9), MinAgreement(0.9), Exact()):
+        rows = budget.rows(out, ref)
+        assert rows.shape == (15,) and rows.mean().item() == pytest.approx(budget.measure(out, ref))
+    assert set(MinAgreement(0.9).rows(out, ref).tolist()) <= {0.0, 1.0}
