@@ -53,9 +53,9 @@ def _module_doc(name: str) -> str:
         return ""
 
 
-def train_sentences(limit: int) -> list[str]:
+def train_sentences(limit: int, modules: tuple[str, ...] = TRAIN_MODULES) -> list[str]:
     out = []
-    for name in TRAIN_MODULES:
+    for name in modules:
         for sentence in re.split(r"(?<=[.!?])\s+", _module_doc(name)):
             if 5 <= len(sentence.split()) <= 60 and sentence not in out:
                 out.append(sentence)

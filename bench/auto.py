@@ -3,9 +3,9 @@
     python bench/auto.py                  # writes bench/results/auto.{json,md,png}
     python bench/auto.py --quick --out /tmp/q   # a smoke run: one budget, fewer sentences and rounds
 
-Data (nothing is downloaded): the search calibrates on sentences of standard-library *module*
-docstrings (``attention_fidelity.train_sentences``, batches of 32 padded to their longest; every
-third batch held out by the search); everything is evaluated and timed on the zoo's 128 real
+Data (nothing is downloaded): the search calibrates on 192 sentences of standard-library *module*
+docstrings (``attention_fidelity.train_sentences`` of ``PASSAGE_TRAIN_MODULES``, 6 batches of 32
+padded to their longest; every third batch, 64 sentences, held out by the search); everything is evaluated and timed on the zoo's 128 real
 sentences (docstrings of standard-library *callables*), batches of 32 padded to their longest, which
 the search never sees.
 
@@ -36,7 +36,7 @@ from graphopt.tools import zoo  # noqa: E402
 from graphopt.tools.autotune import tune  # noqa: E402
 from harness import Built, Case, Config, eager, environment, inductor, load_snapshot, onnxruntime_int8, results_header, run_case, torchao_int8  # noqa: E402
 
-from attention_fidelity import batches_of, train_sentences  # noqa: E402
+from attention_fidelity import PASSAGE_TRAIN_MODULES, batches_of, train_sentences  # noqa: E402
 
 BUDGETS = (0.999, 0.995, 0.99, 0.98)
 
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
 
     entry = zoo.load("minilm")
     model, tokenizer = entry.model, entry.tokenizer
-    calibration = batches_of(tokenizer, train_sentences(64 if args.quick else 192), 32)
+    calibration = batches_of(tokenizer, train_sentences(64 if args.quick else 192, PASSAGE_TRAIN_MODULES), 32)
     evaluation = batches_of(tokenizer, zoo.real_sentences(64 if args.quick else 128), 32)
     budgets = (0.995,) if args.quick else BUDGETS
 

@@ -24,7 +24,8 @@ candidate is a pipeline run on it):
    the outputs) of the baseline plus that knob alone, on the calibration inputs. Its *gain* is the
    time it saves, timed beside the baseline (rounds interleaved, medians). A single linear moves the
    model's time by about one per cent, below the timing noise, so linears are timed in groups of the
-   same weight shape (the same GEMM) and precision, and a group's saving is shared equally;
+   same weight shape (the same GEMM) and precision, with three times the rounds (one group decides
+   for many linears), and a group's saving is shared equally;
    SmoothQuant's scales are absorbed by the int8 op, so its gain is int8's. Other knobs are timed
    alone, and only when their loss is within the frontier's reach (4x the budget's allowance). A
    group or knob that is no faster on this machine is never chosen, so the choice is never slower
@@ -654,7 +655,9 @@ def tune(
                     notes.append(f"time limit: {family} group {shape} not timed")
                     continue
                 gm, _ = measurer.build(_specs(present))
-                times = measurer.time({"baseline": base, "group": gm})
+                # three times the rounds: a group decides for many linears at once, and int8's gain
+                # on a small GEMM without VNNI is near the timing noise
+                times = measurer.time({"baseline": base, "group": gm}, rounds=3 * rounds)
                 stored[group_key] = {"gain_ms": times["baseline"] - times["group"], "members": len(present)}
                 save_cache()
             else:
